@@ -1,0 +1,73 @@
+"""PEFT's on-disk format: `adapter_model.safetensors` keys without the adapter name, checked on load."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .lora import LoraLayer, ModulesToSaveWrapper
+from .lora_config import LoraConfig
+
+
+def adapter_key_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, str]:
+    """File key -> model state-dict key, for every tensor that belongs to `adapter_name`.
+
+    File keys are the model keys with the adapter name removed: `...q_proj.lora_A.default.weight` is stored as
+    `...q_proj.lora_A.weight`; a `modules_to_save` copy `...lm_head.modules_to_save.default.weight` as
+    `...lm_head.weight`; trained biases keep their key.
+    """
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            for part in ("lora_A", "lora_B"):
+                out[f"{name}.{part}.weight"] = f"{name}.{part}.{adapter_name}.weight"
+            if config.bias == "lora_only" and module.base_layer.bias is not None:
+                out[f"{name}.base_layer.bias"] = f"{name}.base_layer.bias"
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for k in module.modules_to_save[adapter_name].state_dict():
+                out[f"{name}.{k}"] = f"{name}.modules_to_save.{adapter_name}.{k}"
+    if config.bias == "all":
+        for k, _ in model.named_parameters():
+            if k.endswith(".bias") and ".modules_to_save." not in k and ".lora_" not in k:
+                out.setdefault(k, k)
+    return out
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's file keys. `state_dict` may come from accelerate's gathered state."""
+    config = model.peft_config[adapter_name]
+    if state_dict is None:
+        state_dict = model.state_dict()
+    return {fk: state_dict[mk] for fk, mk in adapter_key_map(model, adapter_name, config).items()}
+
+
+def set_peft_model_state_dict(model: nn.Module, file_state: dict[str, torch.Tensor],
+                              adapter_name: str = "default", source: str = "the adapter") -> None:
+    """Copy file tensors into the model's adapter, refusing any key or shape that does not fit."""
+    config = model.peft_config[adapter_name]
+    key_map = adapter_key_map(model, adapter_name, config)
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    unexpected = sorted(set(file_state) - set(key_map))
+    missing = sorted(set(key_map) - set(file_state))
+    bad_shape = [f"{k}: file {tuple(v.shape)} vs model {tuple(params[key_map[k]].shape)}"
+                 for k, v in file_state.items() if k in key_map and v.shape != params[key_map[k]].shape]
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) for modules this model does not have or does not target, "
+                        f"e.g. {unexpected[:3]}")
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the model expects are absent from the file, e.g. {missing[:3]}")
+    if bad_shape:
+        problems.append(f"{len(bad_shape)} shape mismatch(es), e.g. {bad_shape[:3]}")
+    if problems:
+        raise ValueError(f"{source} does not fit this base model:\n  - " + "\n  - ".join(problems)
+                         + "\nLoad it on the base model it was trained on (see base_model_name_or_path in its "
+                           "adapter_config.json) with the same target_modules and r.")
+    with torch.no_grad():
+        for fk, tensor in file_state.items():
+            p = params[key_map[fk]]
+            p.copy_(tensor.to(device=p.device, dtype=p.dtype))

@@ -1,0 +1,189 @@
+"""LoRA layers: one wrapper around whatever linear layer the base has, with PEFT's names.
+
+    y = base_layer(x) + lora_B(lora_A(dropout(x))) * scaling
+
+`lora_A` / `lora_B` are fp32 `nn.Linear`s kept per adapter name in `ModuleDict`s, so a wrapped layer's parameters are
+`base_layer.weight`, `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`, as in peft.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from . import quant
+
+
+class LoraLayer(nn.Module):
+    """Wraps a `nn.Linear`, `Conv1D`, bitsandbytes `Linear4bit` or `Linear8bitLt` and adds LoRA adapters to it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not quant.is_wrappable(base_layer):
+            raise TypeError(f"LoRA wraps linear layers (nn.Linear, Conv1D, bitsandbytes Linear4bit / Linear8bitLt), "
+                            f"not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.fan_in_fan_out = quant.is_conv1d(base_layer)
+        self.in_features, self.out_features = quant.linear_shape(base_layer)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # `layer.weight`, `layer.bias` read through, as in peft
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights: Union[bool, str], use_rslora: bool) -> None:
+        """Add (or replace) one adapter on this layer."""
+        device = _param_device(self.base_layer)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # Created as peft creates them (nn.Linear default init, then reset), so that a seed gives peft's weights.
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if not self.active_adapters:
+            self.active_adapters = [adapter_name]
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
+        if init_lora_weights is False:
+            return  # both keep nn.Linear's random init: the adapter is not a no-op
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(a, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+            result = result + lora_B(lora_A(h)) * self.scaling[name]  # (..., out)
+        return result.to(out_dtype)
+
+    # --- merging ----------------------------------------------------------------------------------------------
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """scaling * B @ A in fp32, in the base weight's layout ((in, out) for Conv1D)."""
+        a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, safe_merge: bool = True, adapter_names: Optional[Iterable[str]] = None) -> None:
+        """Add the adapters into the base weight. Non-finite results are always refused (`safe_merge` is implied)."""
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in
+                 self.merged_adapters]
+        if not names:
+            return
+        w = quant.dense_weight(self.base_layer)
+        for name in names:
+            w = w + self.delta_weight(name).to(w.device)
+        quant.set_dense_weight(self.base_layer, w)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        w = quant.dense_weight(self.base_layer)
+        for name in reversed(self.merged_adapters):
+            w = w - self.delta_weight(name).to(w.device)
+        quant.set_dense_weight(self.base_layer, w, what="unmerged")
+        self.merged_adapters = []
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling):
+            if adapter_name in d:
+                del d[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        if not self.active_adapters and self.lora_A:
+            self.active_adapters = [next(iter(self.lora_A))]
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], trainable: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.lora_A:
+            on = name in names and trainable
+            self.lora_A[name].requires_grad_(on)
+            self.lora_B[name].requires_grad_(on)
+        self.active_adapters = names
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and trains a full copy per adapter (`modules_to_save`)."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+        self.update(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self._current(), name)
+
+    def _current(self) -> nn.Module:
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def update(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+        self.modules_to_save[adapter_name].requires_grad_(True)
+
+    def set_adapter(self, adapter_name: str, trainable: bool = True) -> None:
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == adapter_name and trainable)
+        self.active_adapter = adapter_name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._current()(*args, **kwargs)
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -1,0 +1,115 @@
+"""The base layers LoRA wraps: plain `nn.Linear`, GPT-2 `Conv1D`, bitsandbytes `Linear4bit` / `Linear8bitLt`.
+
+The LoRA forward never looks at the base kind; only merging does, through `dense_weight` / `set_dense_weight`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+try:  # bitsandbytes is a runtime dependency, but keep the core importable where its native library is broken
+    import bitsandbytes as bnb
+except Exception:  # pragma: no cover - exercised only on broken installs
+    bnb = None
+
+
+def _conv1d_class() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+Conv1D = _conv1d_class()
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    return bnb is not None and isinstance(layer, bnb.nn.Linear4bit)
+
+
+def is_8bit(layer: nn.Module) -> bool:
+    return bnb is not None and isinstance(layer, bnb.nn.Linear8bitLt)
+
+
+def is_conv1d(layer: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(layer, Conv1D)
+
+
+def is_wrappable(layer: nn.Module) -> bool:
+    """Whether LoRA can wrap this layer (bitsandbytes' layers subclass `nn.Linear`)."""
+    return isinstance(layer, nn.Linear) or is_conv1d(layer)
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of any wrappable layer."""
+    if is_conv1d(layer):
+        return layer.weight.shape[0], layer.weight.shape[1]  # Conv1D stores (in, out)
+    return layer.in_features, layer.out_features
+
+
+def kind(layer: nn.Module) -> str:
+    return "4bit" if is_4bit(layer) else "8bit" if is_8bit(layer) else "conv1d" if is_conv1d(layer) else "linear"
+
+
+def _int8_scales(layer: nn.Module) -> torch.Tensor:
+    # bitsandbytes moves the row scales from the parameter to `layer.state` after the first forward.
+    scb = getattr(layer.weight, "SCB", None)
+    return scb if scb is not None else layer.state.SCB
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight in full precision (fp32), in the layer's own layout ((in, out) for Conv1D)."""
+    w = layer.weight
+    if is_4bit(layer):
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if is_8bit(layer):
+        return bnb.functional.int8_vectorwise_dequant(w.data, _int8_scales(layer)).float()
+    return w.data.float()
+
+
+def set_dense_weight(layer: nn.Module, new: torch.Tensor, what: str = "merged") -> None:
+    """Write a full-precision weight back into the layer, re-quantizing a 4-bit or 8-bit base."""
+    if not torch.isfinite(new).all():
+        raise ValueError(f"refusing to write a non-finite {what} weight into {type(layer).__name__}: "
+                         "the adapter holds NaN or inf values (check the training run that produced it)")
+    w = layer.weight
+    if is_4bit(layer):
+        _warn_rounding("4-bit")
+        layer.weight = bnb.nn.Params4bit(
+            new.to(w.quant_state.dtype).cpu(), requires_grad=False, blocksize=w.blocksize,
+            compress_statistics=w.compress_statistics, quant_type=w.quant_type, quant_storage=w.quant_storage,
+            module=layer,
+        ).to(w.device)
+    elif is_8bit(layer):
+        _warn_rounding("8-bit")
+        layer.weight = bnb.nn.Int8Params(new.cpu(), requires_grad=False,
+                                         has_fp16_weights=w.has_fp16_weights).to(w.device)
+        layer.state.reset_grads()
+        layer.state.SCB = None
+        layer.state.CB = None
+    else:
+        with torch.no_grad():
+            w.data.copy_(new.to(w.dtype))
+
+
+def _warn_rounding(bits: str) -> None:
+    warnings.warn(f"Merging into a {bits} base de-quantizes, adds and re-quantizes the weight: the result differs "
+                  "from base + adapter by the quantization rounding. Use merge_and_unload(dequantize=True) for a "
+                  "full-precision model without that error.", UserWarning, stacklevel=4)
+
+
+def to_full_precision(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A plain `nn.Linear` (or the same Conv1D) with the layer's weight in `dtype`."""
+    if not (is_4bit(layer) or is_8bit(layer)):
+        return layer
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                    device=layer.weight.device, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(dense_weight(layer).to(dtype))
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias.to(dtype))
+    return out

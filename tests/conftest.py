@@ -1,0 +1,89 @@
+"""Tiny models built from configs (no downloads), shared by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 128
+
+
+def tiny_config(arch: str):
+    """A few-thousand-parameter transformers config of a real architecture."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "qwen2":  # biases on q/k/v: exercises bias="all" / "lora_only"
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, **common)
+    if arch == "gpt2":  # Conv1D layers, (in, out) weights
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **common)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_models(tmp_path_factory):
+    """Each tiny architecture saved with save_pretrained, so tests load it the way a real model is loaded."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    paths = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        path = root / arch
+        tiny_model(arch).save_pretrained(path)
+        paths[arch] = str(path)
+    return paths
+
+
+def load_quantized(path: str, bits: int, quant_type: str = "nf4", double_quant: bool = True):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 4:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
+                                                dtype=torch.float32).eval()
+
+
+def randomize_lora(model, seed: int = 1) -> None:
+    """Give every lora_B a non-zero value so that parity tests compare a real adapter, not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def copy_lora(src, dst) -> None:
+    """Copy LoRA weights between two models whose parameter names agree (scalora <-> peft)."""
+    src_params = dict(src.named_parameters())
+    n = 0
+    with torch.no_grad():
+        for name, p in dst.named_parameters():
+            if "lora_" in name:
+                p.copy_(src_params[name])
+                n += 1
+    assert n > 0, "no LoRA parameters copied"
+
+
+def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)

@@ -1,0 +1,116 @@
+"""scalora against peft on tiny transformers models: same names, logits, gradients and parameter counts."""
+
+import io
+from contextlib import redirect_stdout
+
+import peft
+import pytest
+import torch
+
+import scalora
+from conftest import copy_lora, load_quantized, randomize_lora, tiny_model, tokens
+
+CONFIGS = {
+    "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+    "suffixes+rslora": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "c_attn", "down_proj"],
+                            use_rslora=True),
+    "patterns": dict(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"v_proj": 2, "c_fc": 2},
+                     alpha_pattern={"o_proj": 3.0, "c_proj": 3.0}),
+}
+
+
+def _pair(make_base, cfg):
+    ours = scalora.get_peft_model(make_base(), scalora.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(make_base(), peft.LoraConfig(**cfg))
+    randomize_lora(ours)
+    copy_lora(ours, theirs)
+    return ours, theirs
+
+
+def _assert_parity(ours, theirs, atol=1e-5):
+    names = [n for n, _ in ours.named_parameters()]
+    assert names == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+        [n for n, p in theirs.named_parameters() if p.requires_grad]
+    ids = tokens()
+    out_o = ours(input_ids=ids, labels=ids)
+    out_t = theirs(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_o.logits, out_t.logits, rtol=0, atol=atol)
+    out_o.loss.backward()
+    out_t.loss.backward()
+    grads_t = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    checked = 0
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+            torch.testing.assert_close(p.grad, grads_t[n], rtol=1e-4, atol=atol)
+            checked += 1
+    assert checked > 0
+
+
+FP32_CASES = [(a, c) for a in ("llama", "qwen2", "gpt2") for c in CONFIGS if (a, c) != ("qwen2", "suffixes+rslora")]
+
+
+@pytest.mark.parametrize("arch,cfg", FP32_CASES, ids=[f"{a}-{c}" for a, c in FP32_CASES])
+def test_fp32_parity(arch, cfg):
+    ours, theirs = _pair(lambda: tiny_model(arch), CONFIGS[cfg])
+    _assert_parity(ours, theirs)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_match_peft(bias):
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], bias=bias)
+    ours, theirs = _pair(lambda: tiny_model("qwen2"), cfg)
+    _assert_parity(ours, theirs)
+    assert any(n.endswith(".bias") and p.requires_grad for n, p in ours.named_parameters())
+
+
+def test_modules_to_save_match_peft():
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    ours, theirs = _pair(lambda: tiny_model("llama"), cfg)
+    _assert_parity(ours, theirs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_print_trainable_parameters_matches_peft(arch):
+    cfg = dict(r=8, lora_alpha=16, target_modules="all-linear")
+    ours = scalora.get_peft_model(tiny_model(arch), scalora.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(**cfg))
+    printed = []
+    for m in (ours, theirs):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            m.print_trainable_parameters()
+        printed.append(buf.getvalue())
+    assert printed[0] == printed[1]
+    assert printed[0].startswith("trainable params: ")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+QUANT = [(4, "nf4", True), (4, "nf4", False), (4, "fp4", True), (4, "fp4", False), (8, None, None)]
+
+
+@pytest.mark.parametrize("bits,qtype,dq", QUANT, ids=["nf4-dq", "nf4", "fp4-dq", "fp4", "int8"])
+def test_quantized_parity(saved_tiny_models, bits, qtype, dq):
+    path = saved_tiny_models["llama"]
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear")
+    ours, theirs = _pair(lambda: load_quantized(path, bits, qtype, dq), cfg)
+    kinds = {type(m.base_layer).__name__ for m in ours.modules() if isinstance(m, scalora.LoraLayer)}
+    assert kinds == {"Linear4bit" if bits == 4 else "Linear8bitLt"}
+    assert all(p.dtype == torch.float32 for n, p in ours.named_parameters() if "lora_" in n)
+    _assert_parity(ours, theirs)
+    # The count of a packed 4-bit model is peft's too
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_lora_output_keeps_input_dtype():
+    """A bf16 base with fp32 LoRA weights returns bf16, as the base alone would."""
+    layer = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    wrapped = scalora.LoraLayer(layer)
+    wrapped.update_layer("default", 4, 8, 0.0, True, False)
+    randomize_lora(wrapped)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = wrapped(x)
+    assert y.dtype == torch.bfloat16 and wrapped.lora_A["default"].weight.dtype == torch.float32
+    ref = layer(x).float() + (x.float() @ wrapped.lora_A["default"].weight.T @ wrapped.lora_B["default"].weight.T) * 2
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
