@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) examples/quickstart.py
+	$(VENV)/bin/scalora train configs/tiny.yaml
 
 test: install
 	$(PY) -m pytest -q

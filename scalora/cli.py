@@ -1,0 +1,135 @@
+"""`scalora train | merge | generate`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from .config import ConfigError, help_text, load_config
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if cfg.dist.launch_config and "ACCELERATE_LAUNCH" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return _relaunch(args, cfg)
+    from .train import train
+
+    train(cfg)
+    return 0
+
+
+def _relaunch(args: argparse.Namespace, cfg) -> int:
+    """`scalora train` with dist.launch_config: start the same command under `accelerate launch`."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.dist.launch_config,
+           "--num_processes", str(cfg.dist.num_processes), "-m", "scalora", "train"]
+    cmd += ([args.config] if args.config else []) + list(args.overrides)
+    env = dict(os.environ, ACCELERATE_LAUNCH="1")
+    return subprocess.call(cmd, env=env)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .lora_config import LoraConfig
+    from .model import load_tokenizer, resolve_model_path
+    from .peft_model import PeftModel
+
+    config = LoraConfig.from_pretrained(args.adapter)
+    base_path = args.base or config.base_model_name_or_path
+    if not base_path:
+        raise SystemExit(f"{args.adapter}/adapter_config.json names no base model: pass --base PATH")
+    base_path = resolve_model_path(base_path)
+    dtype = getattr(torch, args.dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = PeftModel.from_pretrained(base, args.adapter)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.out)  # safetensors
+    try:
+        from .config import RunConfig
+
+        load_tokenizer(RunConfig(), base_path).save_pretrained(args.out)
+    except Exception as e:  # a base without a tokenizer still merges
+        print(f"note: tokenizer not copied ({e})", file=sys.stderr)
+    print(f"merged model written to {args.out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import RunConfig, load_config
+    from .lora_config import LoraConfig
+    from .model import load_base, load_tokenizer, resolve_model_path
+    from .peft_model import PeftModel
+
+    config = LoraConfig.from_pretrained(args.adapter)
+    base_path = resolve_model_path(args.base or config.base_model_name_or_path or "")
+    cfg = load_config(args.config, ["quant.bits=16"] if args.config is None else None) if args.config else \
+        load_config(None, ["quant.bits=16"])
+    tokenizer = load_tokenizer(cfg, base_path)
+    model = PeftModel.from_pretrained(load_base(cfg, base_path), args.adapter).eval()
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                 temperature=args.temperature or None, pad_token_id=tokenizer.pad_token_id)
+        print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scalora", description="QLoRA fine-tuning with PEFT-format adapters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a LoRA adapter on a quantized base",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a LoRA adapter. CONFIG is a YAML file (configs/*.yaml); without it the "
+                                   "embedded default runs (a tiny model built here and a shipped data set).",
+                       epilog="overrides: section.key=value, e.g. train.lr=1e-4 lora.r=16\n\nkeys:\n" + help_text())
+    t.add_argument("config", nargs="?", help="run config YAML (default: the embedded default)")
+    t.add_argument("overrides", nargs="*", help="section.key=value")
+    t.set_defaults(func=_train)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers model")
+    m.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--out", required=True, help="output folder for the merged model")
+    m.add_argument("--base", help="base model folder or hub id (default: base_model_name_or_path of the adapter)")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default float32)")
+    m.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
+    m.set_defaults(func=_merge)
+
+    g = sub.add_parser("generate", help="generate text with base + adapter")
+    g.add_argument("adapter", help="adapter folder")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    g.add_argument("--prompts-file", help="file with one prompt per line")
+    g.add_argument("--base", help="base model (default: from the adapter's config)")
+    g.add_argument("--config", help="run config whose model/quant sections load the base (default: full precision)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The run config: YAML sections that mirror frozen dataclasses, validated all at once.
+
+    model / quant / lora / data / train / log / dist
+
+Unknown keys are an error naming the nearest valid key; every problem (types, ranges, combinations) is collected
+and reported together; `section.key=value` overrides come from the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+BUILTIN_DATA = "builtin:topics"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = _f(BUILTIN_MODEL, "local folder or hub id of a causal LM; 'builtin:tiny-llama' is built here")
+    revision: Optional[str] = _f(None, "hub revision")
+    trust_remote_code: bool = _f(False, "run the model repository's own code (only for repositories you trust)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
+    attn_implementation: Optional[str] = _f(None, "transformers attention kernel (sdpa, eager, flash_attention_2)")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = _f(4, "4 (QLoRA), 8 (LLM.int8) or 16 (no quantization, plain LoRA)")
+    quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type")
+    double_quant: bool = _f(True, "quantize the 4-bit block scales too (about 0.4 bit per weight saved)")
+    storage_dtype: Literal["auto", "uint8", "float32", "bfloat16", "float16"] = _f(
+        "auto", "dtype the packed 4-bit weights are stored in; auto: the compute dtype, so FSDP can shard them")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    r: int = _f(16, "rank")
+    alpha: float = _f(32, "lora_alpha; scaling = alpha / r")
+    dropout: float = _f(0.05, "dropout on the LoRA input")
+    target_modules: Union[str, list[str]] = _f("all-linear", "suffixes, a regex, or all-linear")
+    exclude_modules: Optional[list[str]] = _f(None, "suffixes to leave out")
+    use_rslora: bool = _f(False, "scaling = alpha / sqrt(r)")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
+    modules_to_save: Optional[list[str]] = _f(None, "modules trained in full and saved with the adapter")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: str = _f(BUILTIN_DATA, "jsonl / json / parquet / csv file, a saved datasets folder, or builtin:topics")
+    validation_file: Optional[str] = _f(None, "held-out file; without it validation_fraction is split off")
+    validation_fraction: float = _f(0.1, "share of train_file held out (fixed seed) when there is no validation_file")
+    format: Literal["auto", "text", "instruction", "chat"] = _f("auto", "record format; auto: from the fields")
+    text_field: str = _f("text", "field of plain-text records")
+    instruction_field: str = _f("instruction", "instruction records: the instruction")
+    input_field: str = _f("input", "instruction records: the optional input")
+    output_field: str = _f("output", "instruction records: the completion")
+    messages_field: str = _f("messages", "chat records: list of {role, content}")
+    train_on_prompt: bool = _f(False, "also compute the loss on prompt tokens")
+    max_length: int = _f(512, "tokens per example (or per packed row)")
+    too_long: Literal["truncate", "drop"] = _f("truncate", "what to do with longer examples (counted and reported)")
+    packing: bool = _f(False, "pack examples into rows of max_length (no attention across examples)")
+    max_eval_generate: int = _f(64, "validation examples scored by exact match of the generated answer (0: off)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = _f("runs/tiny", "where checkpoints, the final adapter, metrics and plots go")
+    seed: int = _f(42, "seed for initialisation, shuffling and dropout")
+    global_batch_size: int = _f(16, "examples per optimizer step, whatever the number of processes")
+    micro_batch_size: int = _f(4, "examples per forward pass on one process")
+    epochs: float = _f(1.0, "passes over the training set (ignored when max_steps > 0)")
+    max_steps: int = _f(0, "optimizer steps; 0: from epochs")
+    lr: float = _f(2e-4, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "share of steps spent warming up")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "torch AdamW or bitsandbytes 8-bit")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    log_every: int = _f(10, "steps between metric lines")
+    eval_every: int = _f(50, "steps between validations (0: only at the end)")
+    save_every: int = _f(100, "steps between checkpoints (0: only at the end)")
+    save_total_limit: int = _f(2, "checkpoints kept (newest first)")
+    resume: Literal["auto", "never"] = _f("auto", "auto: continue from the newest checkpoint in output_dir")
+    overwrite: bool = _f(False, "allow output_dir to hold a different run")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    report_to: Literal["wandb", "tensorboard", "none"] = _f("wandb", "experiment tracker")
+    project: str = _f("scalora", "wandb project")
+    run_name: Optional[str] = _f(None, "run name (default: output_dir's name)")
+    tags: list[str] = _f([], "wandb tags")
+    group: Optional[str] = _f(None, "wandb group")
+    wandb_mode: Literal["auto", "online", "offline"] = _f("auto", "auto: online with an API key, else offline")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    launch_config: Optional[str] = _f(None, "accelerate launch file (launch/*.yaml) used by `scalora train`")
+    num_processes: int = _f(1, "processes to start when launch_config is set")
+    threads_per_process: int = _f(0, "CPU threads per process; 0: cores / local processes")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore
+
+
+class ConfigError(ValueError):
+    """Every problem found in a run config, one per line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _nearest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin is Union:
+        return any(_type_ok(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _range_problems(cfg: RunConfig) -> list[str]:
+    """Values of the right type that still cannot work, each with the fix."""
+    p: list[str] = []
+    q, lo, d, t = cfg.quant, cfg.lora, cfg.data, cfg.train
+    if q.bits not in (4, 8, 16):
+        p.append(f"quant.bits={q.bits}: must be 4, 8 or 16 (16: no quantization)")
+    if lo.r <= 0:
+        p.append(f"lora.r={lo.r}: must be a positive integer, e.g. 16")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha}: must be positive, e.g. 2 * r")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout={lo.dropout}: must be in [0, 1)")
+    if not 0 <= d.validation_fraction < 1:
+        p.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
+    if d.max_length < 8:
+        p.append(f"data.max_length={d.max_length}: must be at least 8 tokens")
+    if t.lr <= 0:
+        p.append(f"train.lr={t.lr}: must be positive, e.g. 2e-4")
+    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
+        p.append("train.micro_batch_size and train.global_batch_size must be positive")
+    elif t.global_batch_size % t.micro_batch_size:
+        p.append(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+                 f"{t.micro_batch_size}: make it one, e.g. {t.micro_batch_size * max(1, t.global_batch_size // t.micro_batch_size)}")
+    if t.max_steps < 0 or t.epochs <= 0 and t.max_steps == 0:
+        p.append(f"train.max_steps={t.max_steps}, train.epochs={t.epochs}: set max_steps > 0 or epochs > 0")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
+    for k in ("log_every", "eval_every", "save_every", "save_total_limit"):
+        if getattr(t, k) < 0:
+            p.append(f"train.{k}={getattr(t, k)}: must be >= 0")
+    if t.max_grad_norm < 0:
+        p.append(f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 turns clipping off)")
+    if cfg.dist.num_processes < 1:
+        p.append(f"dist.num_processes={cfg.dist.num_processes}: must be at least 1")
+    if q.bits == 16 and q.storage_dtype not in ("auto",):
+        p.append("quant.storage_dtype only applies to 4-bit bases: drop it or set quant.bits=4")
+    return p
+
+
+def build_config(raw: Any, source: str = "config") -> RunConfig:
+    """Validate a parsed YAML mapping into a `RunConfig`, reporting every problem at once."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, [f"the top level must be a mapping of sections ({', '.join(SECTIONS)}), "
+                                   f"not {type(raw).__name__}"])
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            problems.append(f"unknown section '{name}'{_nearest(str(name), list(SECTIONS))}")
+            continue
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            problems.append(f"section '{name}' must be a mapping of keys, not {type(body).__name__}")
+            continue
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in body.items():
+            if key not in hints:
+                problems.append(f"unknown key '{name}.{key}'{_nearest(str(key), list(hints))}")
+            elif not _type_ok(value, hints[key]):
+                problems.append(f"{name}.{key}={value!r}: must be {_describe(hints[key])}")
+            else:
+                values[key] = value
+        sections[name] = values
+    built = RunConfig(**{n: SECTIONS[n](**sections.get(n, {})) for n in SECTIONS})
+    problems += _range_problems(built)
+    if problems:
+        raise ConfigError(source, problems)
+    return built
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` strings into a nested mapping; values are parsed as YAML (`1e-4`, `true`, `[a, b]`)."""
+    out: dict[str, dict[str, Any]] = {}
+    bad = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or not section or not name:
+            bad.append(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
+            continue
+        out.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else None
+    if bad:
+        raise ConfigError("command line", bad)
+    return out
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML run config (None: the embedded default), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = path or "defaults"
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(path, [f"no such file; the shipped configs are in configs/ (e.g. configs/tiny.yaml)"])
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(path, [f"not valid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(raw, dict):
+        return build_config(raw, source)
+    for section, values in parse_overrides(overrides or []).items():
+        if isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return build_config(raw, source + (" + overrides" if overrides else ""))
+
+
+def help_text() -> str:
+    """Every section and key with its default and help, for `scalora train --help`."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

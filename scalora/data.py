@@ -1,0 +1,284 @@
+"""Data: local files read with `datasets`, three record formats, prompt masking, packing, batching.
+
+Every example becomes `input_ids` and `labels` (-100 on tokens that carry no loss). Packed rows also carry
+`position_ids` restarting at 0 for each example, and the collator turns them into a block-diagonal causal mask,
+so that a packed batch gives the same per-token loss as the same examples unpacked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .config import BUILTIN_DATA, DataConfig
+
+IGNORE = -100
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+class DataError(ValueError):
+    pass
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+def _builtin_file(split: str) -> str:
+    from .builtin import TOPICS_DIR
+
+    return str(TOPICS_DIR / f"{split}.jsonl")
+
+
+def _check_jsonl(path: str) -> None:
+    """Name the first malformed line: `datasets` alone reports a byte offset deep in pyarrow."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {i}: not valid JSON ({e.msg} at column {e.colno}); "
+                                "each line of a .jsonl file must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {i}: a JSON {type(row).__name__}, expected an object with fields")
+
+
+def read_records(path: str):
+    """A `datasets.Dataset` from a jsonl / json / parquet / csv file or a `save_to_disk` folder."""
+    import datasets
+
+    if path == BUILTIN_DATA:
+        path = _builtin_file("train")
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r} does not exist; give a .jsonl/.json/.parquet/.csv file, a folder "
+                        f"written by datasets' save_to_disk, or {BUILTIN_DATA}")
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path} holds splits {list(ds)}; point at one split's folder")
+            ds = ds["train"]
+    else:
+        ext = os.path.splitext(path)[1].lower()
+        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(ext)
+        if builder is None:
+            raise DataError(f"{path}: unknown data file type {ext!r}; use .jsonl, .json, .parquet or .csv")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path} is empty")
+        if ext == ".jsonl":
+            _check_jsonl(path)
+        try:
+            ds = datasets.load_dataset(builder, data_files=path, split="train")
+        except Exception as e:  # pyarrow's messages are long; keep the cause
+            raise DataError(f"{path} could not be read as {builder}: {e}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path} holds no records")
+    return ds
+
+
+def detect_format(columns: list[str], cfg: DataConfig, source: str) -> str:
+    if cfg.format != "auto":
+        needed = {"text": [cfg.text_field], "instruction": [cfg.instruction_field, cfg.output_field],
+                  "chat": [cfg.messages_field]}[cfg.format]
+        missing = [f for f in needed if f not in columns]
+        if missing:
+            raise DataError(f"{source}: format {cfg.format!r} needs field(s) {missing}, but records have {columns}; "
+                            f"set data.{cfg.format if cfg.format != 'instruction' else 'output'}_field or fix the "
+                            "data")
+        return cfg.format
+    if cfg.messages_field in columns:
+        return "chat"
+    if cfg.instruction_field in columns and cfg.output_field in columns:
+        return "instruction"
+    if cfg.text_field in columns:
+        return "text"
+    raise DataError(f"{source}: cannot tell the format from fields {columns}. Expected '{cfg.text_field}' (text), "
+                    f"'{cfg.instruction_field}' + '{cfg.output_field}' (instruction) or '{cfg.messages_field}' "
+                    "(chat); set data.format and the data.*_field names")
+
+
+# --- tokenizing ------------------------------------------------------------------------------------------------
+def instruction_prompt(record: dict, cfg: DataConfig) -> str:
+    inp = record.get(cfg.input_field) or ""
+    template = ALPACA_PROMPT if inp else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=record[cfg.instruction_field], input=inp)
+
+
+def _encode(tokenizer, text: str, bos: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def tokenize_record(record: dict, fmt: str, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one record; prompt tokens are masked unless train_on_prompt."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == "text":
+        ids = _encode(tokenizer, record[cfg.text_field], bos=True) + eos
+        return ids, list(ids)
+    if fmt == "instruction":
+        prompt = _encode(tokenizer, instruction_prompt(record, cfg), bos=True)
+        answer = _encode(tokenizer, str(record[cfg.output_field]), bos=False) + eos
+        labels = (list(prompt) if cfg.train_on_prompt else [IGNORE] * len(prompt)) + answer
+        return prompt + answer, labels
+    return _tokenize_chat(record[cfg.messages_field], tokenizer, cfg)
+
+
+def _tokenize_chat(messages: list[dict], tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """Render with the tokenizer's chat template; only assistant turns carry loss (unless train_on_prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the data is in chat format but the tokenizer has no chat template: use a chat model's "
+                        "tokenizer, or convert the records to instruction format (instruction / input / output)")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    spans = []  # character spans of assistant turns
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not text.startswith(after) or not after.startswith(before):
+            raise DataError("the chat template does not render conversations as growing prefixes; cannot tell "
+                            "assistant tokens apart (set data.train_on_prompt=true to train on all tokens)")
+        spans.append((len(before), len(after)))
+    if cfg.train_on_prompt:
+        return ids, list(ids)
+    labels = [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
+    return ids, labels
+
+
+@dataclass
+class TokenizedSplit:
+    examples: list[dict[str, list[int]]]
+    truncated: int = 0
+    dropped: int = 0
+    records: Optional[list[dict]] = None  # raw records, kept for the validation split's exact-match scoring
+
+
+def tokenize_split(ds, fmt: str, tokenizer, cfg: DataConfig, keep_records: bool = False) -> TokenizedSplit:
+    out = TokenizedSplit(examples=[], records=[] if keep_records else None)
+    for record in ds:
+        ids, labels = tokenize_record(record, fmt, tokenizer, cfg)
+        if len(ids) > cfg.max_length:
+            if cfg.too_long == "drop":
+                out.dropped += 1
+                continue
+            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+            out.truncated += 1
+        if all(label == IGNORE for label in labels[1:]):  # nothing to learn from (e.g. answer truncated away)
+            out.dropped += 1
+            continue
+        out.examples.append({"input_ids": ids, "labels": labels})
+        if keep_records:
+            out.records.append(record)
+    if not out.examples:
+        raise DataError(f"no usable examples left after tokenizing ({out.dropped} dropped as too long or without "
+                        "answer tokens): raise data.max_length or check the data")
+    return out
+
+
+# --- packing and batching --------------------------------------------------------------------------------------
+def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Greedy first-fit-in-order packing into rows of at most max_length tokens.
+
+    Each example keeps its own positions (0..n-1) and its first label is masked: the row's previous example must
+    not be used to predict it.
+    """
+    rows: list[dict[str, list[int]]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        n = len(ex["input_ids"])
+        if cur["input_ids"] and len(cur["input_ids"]) + n > max_length:
+            rows.append(cur)
+            cur = {"input_ids": [], "labels": [], "position_ids": []}
+        cur["input_ids"] += ex["input_ids"]
+        cur["labels"] += [IGNORE] + ex["labels"][1:]
+        cur["position_ids"] += list(range(n))
+    if cur["input_ids"]:
+        rows.append(cur)
+    return rows
+
+
+def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row. Packed rows get a (B, 1, T, T) boolean mask: causal within each example."""
+    T = max(len(r["input_ids"]) for r in rows)
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        attention[i, :n] = 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if "position_ids" in rows[0]:
+        pos = torch.zeros((B, T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            pos[i, : len(r["position_ids"])] = torch.tensor(r["position_ids"])
+        batch["position_ids"] = pos
+        if block_mask:
+            batch["attention_mask"] = packed_mask(pos, attention)
+    return batch
+
+
+def packed_mask(position_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean: token i sees token j iff j <= i, both are real, and no example starts in (j, i]."""
+    seg = torch.cumsum((position_ids == 0).long(), dim=1)  # (B, T) example index within the row
+    T = position_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+    real = attention.bool()
+    mask = causal[None] & same & real[:, None, :] & real[:, :, None]
+    mask |= torch.eye(T, dtype=torch.bool)[None]  # padding rows attend to themselves: no all-masked softmax
+    return mask[:, None]
+
+
+def count_loss_tokens(rows: list[dict[str, list[int]]]) -> int:
+    """Tokens that contribute to the loss after the causal shift."""
+    return sum(sum(1 for t in r["labels"][1:] if t != IGNORE) for r in rows)
+
+
+# --- the whole pipeline ----------------------------------------------------------------------------------------
+@dataclass
+class Datasets:
+    train: list[dict[str, list[int]]]
+    validation: list[dict[str, list[int]]]
+    validation_records: list[dict]
+    format: str
+    stats: dict[str, Any]
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
+    train_ds = read_records(cfg.train_file)
+    fmt = detect_format(list(train_ds.column_names), cfg, cfg.train_file)
+    val_file = cfg.validation_file or (_builtin_file("validation") if cfg.train_file == BUILTIN_DATA else None)
+    if val_file is not None:
+        val_ds = read_records(val_file)
+        detect_format(list(val_ds.column_names), cfg, val_file)
+    elif cfg.validation_fraction > 0 and len(train_ds) > 1:
+        split = train_ds.train_test_split(test_size=cfg.validation_fraction, seed=seed)
+        train_ds, val_ds = split["train"], split["test"]
+    else:
+        val_ds = None
+    train = tokenize_split(train_ds, fmt, tokenizer, cfg)
+    val = tokenize_split(val_ds, fmt, tokenizer, cfg, keep_records=True) if val_ds is not None else None
+    train_rows = pack(train.examples, cfg.max_length) if cfg.packing else train.examples
+    stats = {"format": fmt, "train_examples": len(train.examples), "train_rows": len(train_rows),
+             "validation_examples": len(val.examples) if val else 0, "truncated": train.truncated,
+             "dropped": train.dropped, "train_tokens": sum(len(r["input_ids"]) for r in train_rows)}
+    return Datasets(train=train_rows, validation=val.examples if val else [],
+                    validation_records=val.records if val else [], format=fmt, stats=stats)

@@ -1,0 +1,113 @@
+"""Loading the base: any Hugging Face causal LM, quantized by bitsandbytes, frozen, with LoRA on top."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .config import BUILTIN_MODEL, RunConfig
+from .lora_config import LoraConfig
+from .peft_model import PeftModel, get_peft_model
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """'auto': what the hardware runs fast. bf16 on a CPU is ~25x slower than fp32 (no AMX / AVX-512 BF16)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == BUILTIN_MODEL:
+        from .builtin import tiny_llama_path
+
+        return tiny_llama_path()
+    return name_or_path
+
+
+def quantization_config(cfg: RunConfig, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.quant
+    if q.bits == 4:
+        # Packed 4-bit weights stored in the compute dtype can be sharded by FSDP with the rest of the model
+        # (FSDP flattens parameters of one dtype); uint8 storage cannot.
+        storage = dtype if q.storage_dtype == "auto" else getattr(torch, q.storage_dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                                  bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=storage)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_tokenizer(cfg: RunConfig, path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # labels mask padding, so sharing eos is safe
+    return tok
+
+
+def load_base(cfg: RunConfig, path: str, device_map: Any = None):
+    """The frozen base, quantized as configured, in the compute dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = compute_dtype(cfg.model.dtype)
+    try:
+        hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                               trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        hint = " (it is not a local folder; offline, only local folders load)" if not os.path.isdir(path) else ""
+        raise ValueError(f"model.name_or_path={path!r} could not be loaded{hint}: {e}") from None
+    kwargs: dict[str, Any] = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+                                  dtype=dtype, quantization_config=quantization_config(cfg, dtype))
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e):
+            raise ValueError(f"{path} is a {type(hf_config).__name__} model, not a causal language model: "
+                             "scalora fine-tunes causal LMs (AutoModelForCausalLM)") from None
+        raise
+    return model
+
+
+def prepare_for_training(model, cfg: RunConfig) -> None:
+    """k-bit training preparation, as QLoRA does it: frozen base, norms in fp32, checkpointing, no KV cache."""
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower():
+            module.to(torch.float32)
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
+def lora_config(cfg: RunConfig, base_path: str) -> LoraConfig:
+    lo = cfg.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                      exclude_modules=lo.exclude_modules, use_rslora=lo.use_rslora, bias=lo.bias,
+                      modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM",
+                      base_model_name_or_path=cfg.model.name_or_path if cfg.model.name_or_path != BUILTIN_MODEL
+                      else base_path)
+
+
+def build_model(cfg: RunConfig, device_map: Any = None) -> tuple[PeftModel, Any, str]:
+    """(LoRA-wrapped model, tokenizer, resolved base path)."""
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg, path)
+    model = load_base(cfg, path, device_map)
+    prepare_for_training(model, cfg)
+    peft_model = get_peft_model(model, lora_config(cfg, path))
+    return peft_model, tokenizer, path

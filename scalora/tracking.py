@@ -1,0 +1,136 @@
+"""Metrics: `metrics.jsonl` always, Weights & Biases or TensorBoard through accelerate's trackers, a loss plot.
+
+Logging never stops training: a tracker that fails to start or to log is turned off with one warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+from .config import RunConfig
+
+
+def choose_tracker(cfg: RunConfig) -> Optional[str]:
+    """The accelerate tracker name, or None. wandb runs offline without an API key (a folder `wandb sync` uploads)."""
+    report = cfg.log.report_to
+    if report == "none":
+        return None
+    if report == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except Exception:
+            warnings.warn("log.report_to=wandb but wandb is not installed (pip install wandb); logging to "
+                          "metrics.jsonl only")
+            return None
+        mode = cfg.log.wandb_mode
+        if mode == "auto":  # a WANDB_MODE the user exported wins; otherwise online only with a key
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        os.environ["WANDB_MODE"] = mode
+        return "wandb"
+    if report == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except Exception:
+            try:
+                import tensorboardX  # noqa: F401
+            except Exception:
+                warnings.warn("log.report_to=tensorboard but neither tensorboard nor tensorboardX is installed; "
+                              "logging to metrics.jsonl only")
+                return None
+        return "tensorboard"
+    return None
+
+
+class Tracker:
+    def __init__(self, accelerator, cfg: RunConfig, out_dir: str, tracker: Optional[str], run_id: str) -> None:
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.active = tracker is not None
+        if not self.active:
+            return
+        name = cfg.log.run_name or os.path.basename(os.path.abspath(out_dir))
+        init_kwargs = {"wandb": {"name": name, "tags": cfg.log.tags or None, "group": cfg.log.group,
+                                 "dir": out_dir, "id": run_id, "resume": "allow"}}
+        try:
+            accelerator.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()), init_kwargs=init_kwargs)
+        except Exception as e:  # unreachable server, bad key, broken install: train on, offline metrics only
+            warnings.warn(f"the {tracker} tracker could not start ({type(e).__name__}: {e}); training continues "
+                          f"and metrics go to {self.path}")
+            self.active = False
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop metric lines written after the checkpoint, so the history equals an uninterrupted run."""
+        if not self.main or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.active:
+            try:
+                self.accelerator.log(metrics, step=step)
+            except Exception as e:
+                warnings.warn(f"tracker logging failed ({e}); continuing with metrics.jsonl only")
+                self.active = False
+
+    def finish(self) -> None:
+        if self.active:
+            try:
+                self.accelerator.end_training()
+            except Exception as e:
+                warnings.warn(f"tracker did not close cleanly: {e}")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if not isinstance(v, list) else ",".join(map(str, v))
+    return out
+
+
+def plot_losses(metrics_path: str, out_png: str) -> Optional[str]:
+    """Train and validation loss (and exact match where measured) against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        warnings.warn("matplotlib is not installed: no loss plot (pip install matplotlib)")
+        return None
+    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    em = [(r["step"], r["eval/exact_match"]) for r in rows if "eval/exact_match" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per token)")
+    ax.grid(alpha=0.3)
+    if em:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*em), "s--", label="validation exact match", color="tab:green")
+        ax2.set_ylabel("exact match")
+        ax2.set_ylim(0, 1.05)
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title("scalora training run")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png
