@@ -169,6 +169,18 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _accepts_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) is Union and float in typing.get_args(tp))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _describe(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
@@ -243,6 +255,8 @@ def build_config(raw: Any, source: str = "config") -> RunConfig:
         for key, value in body.items():
             if key not in hints:
                 problems.append(f"unknown key '{name}.{key}'{_nearest(str(key), list(hints))}")
+            elif isinstance(value, str) and _accepts_float(hints[key]) and _is_number(value):
+                values[key] = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
             elif not _type_ok(value, hints[key]):
                 problems.append(f"{name}.{key}={value!r}: must be {_describe(hints[key])}")
             else:

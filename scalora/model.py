@@ -22,11 +22,16 @@ def compute_dtype(name: str) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str) -> str:
+    """The builtin model's folder (built on first use), a checked local folder, or a hub id."""
     if name_or_path == BUILTIN_MODEL:
         from .builtin import tiny_llama_path
 
         return tiny_llama_path()
-    return name_or_path
+    local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    if local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ValueError(f"model.name_or_path={name_or_path!r} could not be loaded: no such folder. Give a folder "
+                         f"written by save_pretrained, a hub id such as 'Qwen/Qwen2.5-7B', or {BUILTIN_MODEL}")
+    return os.path.expanduser(name_or_path) if local else name_or_path
 
 
 def quantization_config(cfg: RunConfig, dtype: torch.dtype):

@@ -1,0 +1,140 @@
+"""`scalora train / merge / generate` through the real CLI, in subprocesses, on the embedded default."""
+
+import json
+import os
+import subprocess
+import sys
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import scalora
+
+FAST = ["train.max_steps=6", "train.save_every=3", "train.eval_every=3", "data.max_eval_generate=4",
+        "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from scalora.builtin import tiny_llama_path
+
+    cache = tmp_path_factory.mktemp("cache")
+    base = tiny_llama_path(str(cache))
+    e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    e.update(SCALORA_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return {"env": e, "base": base, "root": tmp_path_factory.mktemp("runs")}
+
+
+def run(env, *args, check=True):
+    p = subprocess.run([sys.executable, "-m", "scalora", *args], env=env["env"], capture_output=True, text=True,
+                       timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"scalora {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    out = env["root"] / "a"
+    p = run(env, "train", "configs/tiny.yaml", *FAST, f"train.output_dir={out}", "log.report_to=wandb")
+    return out, p
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_train_writes_everything(trained):
+    out, p = trained
+    assert "validation exact match" in p.stdout and "step 6/6" in p.stdout
+    for name in ("final/adapter_config.json", "final/adapter_model.safetensors", "summary.json", "loss.png",
+                 "metrics.jsonl", "config.yaml", "checkpoints/step-000003/trainer_state.json",
+                 "checkpoints/step-000006/adapter/adapter_model.safetensors"):
+        assert (out / name).exists(), name
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert all(k in metrics[1] for k in ("train/lr", "train/tokens_per_s", "train/grad_norm"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_eval"]["eval/loss"] < summary["first_eval"]["eval/loss"]
+    # no frozen base weights in a checkpoint
+    ckpt = out / "checkpoints/step-000006"
+    assert not any(f.name.startswith(("model", "pytorch_model")) for f in ckpt.iterdir())
+
+
+def test_wandb_offline_run_folder_holds_the_metrics(trained):
+    out, _ = trained
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    blob = b"".join(f.read_bytes() for f in runs[0].glob("*.wandb"))
+    assert b"train/loss" in blob and b"eval/exact_match" in blob
+
+
+def test_adapter_loads_in_peft_with_the_same_logits(trained, env):
+    out, _ = trained
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
+    base = AutoModelForCausalLM.from_pretrained(env["base"])
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=1e-5)
+    assert (_logits(ours, ids) - _logits(base, ids)).abs().max() > 1e-3
+
+
+def test_merge_equals_base_plus_adapter(trained, env):
+    out, _ = trained
+    merged_dir = env["root"] / "merged"
+    run(env, "merge", str(out / "final"), "--out", str(merged_dir))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert not any(isinstance(m, scalora.LoraLayer) for m in merged.modules())
+    ref = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(merged, ids), _logits(ref, ids), rtol=0, atol=1e-5)
+
+
+def test_generate(trained, env):
+    out, _ = trained
+    p = run(env, "generate", str(out / "final"), "--prompt", "the band played", "--max-new-tokens", "4")
+    assert p.stdout.strip()
+
+
+def test_resume_continues_exactly(trained, env):
+    """3 steps, stop, then resume to 6: the same adapter as the uninterrupted 6-step run (one process, fp32)."""
+    out_a, _ = trained
+    out_b = env["root"] / "b"
+    args = ["train", "configs/tiny.yaml", *FAST, f"train.output_dir={out_b}", "log.report_to=none"]
+    run(env, *[a if a != "train.max_steps=6" else "train.max_steps=3" for a in args])
+    p = run(env, *args)
+    assert "resuming from" in p.stdout and "step-000003" in p.stdout
+    a = load_file(out_a / "final/adapter_model.safetensors")
+    b = load_file(out_b / "final/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in open(out_b / "metrics.jsonl") if "train/loss" in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_report_to_none_never_imports_wandb(env):
+    out = env["root"] / "c"
+    code = ("import sys; from scalora.config import load_config; from scalora.train import train; "
+            f"train(load_config('configs/tiny.yaml', ['train.max_steps=2', 'data.max_eval_generate=0', "
+            f"'train.output_dir={out}', 'log.report_to=none'])); "
+            "assert 'wandb' not in sys.modules, 'wandb imported'; print('NO_WANDB')")
+    p = subprocess.run([sys.executable, "-c", code], env=env["env"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "NO_WANDB" in p.stdout, p.stderr[-2000:]
+
+
+def test_cli_errors_are_clear(env, tmp_path):
+    p = run(env, "train", "configs/tiny.yaml", "train.lrr=1", check=False)
+    assert p.returncode == 2 and "did you mean 'lr'" in p.stderr
+    p = run(env, "train", "configs/tiny.yaml", "model.name_or_path=/nonexistent/model",
+            f"train.output_dir={tmp_path / 'x'}", check=False)
+    assert p.returncode == 2 and "could not be loaded" in p.stderr
+    p = run(env, "--help")
+    assert all(c in p.stdout for c in ("train", "merge", "generate"))
+    p = run(env, "train", "--help")
+    assert "train.lr=1e-4" in p.stdout and "global_batch_size" in p.stdout
