@@ -133,6 +133,18 @@ def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -
     return (hits / total.clamp(min=1)).item()
 
 
+# Keys that may change between a run and its continuation: how long to train and how to start.
+_CONTINUATION_KEYS = ("resume", "overwrite", "max_steps", "epochs")
+
+
+def _same_run(previous: dict, mine: dict) -> bool:
+    """Whether a saved config describes the same run (the log and dist sections may differ)."""
+    if any(previous.get(s) != mine[s] for s in ("model", "quant", "lora", "data")):
+        return False
+    strip = lambda d: {k: v for k, v in (d or {}).items() if k not in _CONTINUATION_KEYS}  # noqa: E731
+    return strip(previous.get("train")) == strip(mine["train"])
+
+
 def prepare_output_dir(cfg: RunConfig, out: str, is_main: bool) -> Optional[str]:
     """Refuse a folder that holds another run; returns the checkpoint to resume from, if any."""
     saved = os.path.join(out, "config.yaml")
@@ -141,11 +153,7 @@ def prepare_output_dir(cfg: RunConfig, out: str, is_main: bool) -> Optional[str]
 
         with open(saved) as f:
             previous = yaml.safe_load(f) or {}
-        mine = cfg.to_dict()
-        same = all(previous.get(s) == mine[s] for s in ("model", "quant", "lora", "data")) and \
-            {k: v for k, v in (previous.get("train") or {}).items() if k not in ("resume", "overwrite", "max_steps",
-                                                                                  "epochs")} == \
-            {k: v for k, v in mine["train"].items() if k not in ("resume", "overwrite", "max_steps", "epochs")}
+        same = _same_run(previous, cfg.to_dict())
         if cfg.train.overwrite:
             if is_main:
                 for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", "config.yaml"):
