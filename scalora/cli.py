@@ -62,15 +62,14 @@ def _merge(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import RunConfig, load_config
     from .lora_config import LoraConfig
     from .model import load_base, load_tokenizer, resolve_model_path
     from .peft_model import PeftModel
 
     config = LoraConfig.from_pretrained(args.adapter)
     base_path = resolve_model_path(args.base or config.base_model_name_or_path or "")
-    cfg = load_config(args.config, ["quant.bits=16"] if args.config is None else None) if args.config else \
-        load_config(None, ["quant.bits=16"])
+    # Without a run config the base loads in full precision.
+    cfg = load_config(args.config) if args.config else load_config(None, ["quant.bits=16"])
     tokenizer = load_tokenizer(cfg, base_path)
     model = PeftModel.from_pretrained(load_base(cfg, base_path), args.adapter).eval()
     prompts = list(args.prompt or [])
