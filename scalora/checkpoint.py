@@ -1,92 +1,241 @@
-"""Resumable checkpoints: the adapter (PEFT format), optimizer and RNG states (accelerate), loop state, config.
+"""Crash-safe, topology-free checkpoints.
 
-    OUTPUT/checkpoints/step-000100/{adapter/, optimizer.bin, random_states_*.pkl, trainer_state.json, config.yaml}
+    OUTPUT/checkpoints/step-000100/
+        adapter/adapter_config.json, adapter/adapter_model.safetensors   the adapter, whole, in PEFT format
+        optimizer.safetensors    the adapter's optimizer state, whole, keyed "<parameter name>::<state key>"
+        trainer_state.json       step, run id, world size, validation loss, non-tensor optimizer state
+        config.yaml              the run config
+        manifest.json            every file above with its size and sha256; written last
 
-A checkpoint is written into a `.tmp` folder and renamed into place only when complete, and `trainer_state.json`
-is written last: a folder without it is never taken for a checkpoint. The frozen base is never written.
+A checkpoint is written into `step-XXXXXX.tmp`, each file fsynced, the manifest last, then renamed into place: a
+folder without a manifest that matches its files is never taken for a checkpoint, so a kill or a full disk at any
+moment leaves the previous checkpoint as the newest valid one. Everything is stored whole (gathered from ZeRO/FSDP
+shards), so a run saved on N processes resumes on M. The frozen base is never written. Nothing is pickled: tensors
+are safetensors, the rest JSON/YAML. Dropout randomness is seeded from the data position (see train.py), so no RNG
+state needs saving.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from typing import Any, Optional
 
+import torch
+
+from . import faults, sharding
 from .peft_model import PeftModel
 
+MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def register_adapter_only_hooks(accelerator) -> None:
-    """accelerate saves and loads the optimizer and RNG states; the model part is the adapter, handled here."""
+class CheckpointError(ValueError):
+    pass
 
-    def skip_model_save(models, weights, output_dir):
-        weights.clear()
 
-    def skip_model_load(models, input_dir):
-        models.clear()
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    accelerator.register_save_state_pre_hook(skip_model_save)
-    accelerator.register_load_state_pre_hook(skip_model_load)
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(root: str) -> list[str]:
+    out = []
+    for d, _, names in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, n), root) for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def verify(path: str, checksums: bool = True) -> Optional[str]:
+    """None if `path` is a complete checkpoint; otherwise what is wrong with it."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        return "no manifest.json (the write did not finish)"
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest.json ({e})"
+    for rel, meta in manifest.get("files", {}).items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != meta["size"]:
+            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {meta['size']}"
+        if checksums and _sha256(full) != meta["sha256"]:
+            return f"{rel} does not match its sha256 in the manifest"
+    return None
 
 
 def checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders with a manifest whose files are all there (sizes checked), oldest first."""
     root = os.path.join(out_dir, "checkpoints")
     found = []
     if os.path.isdir(root):
         for name in os.listdir(root):
             m = _STEP_DIR.match(name)
-            if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
+            if m and verify(os.path.join(root, name), checksums=False) is None:
                 found.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(found)
 
 
 def latest(out_dir: str) -> Optional[str]:
-    found = checkpoints(out_dir)
-    return found[-1][1] if found else None
+    """The newest checkpoint that passes the full checksum check (a damaged one is skipped with a warning)."""
+    for _, path in reversed(checkpoints(out_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem}")
+    return None
 
 
-def save(accelerator, model, step: int, state: dict[str, Any], config_yaml: str, out_dir: str,
-         keep: int) -> str:
+def _write_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+
+
+def save(accelerator, model, optimizer, step: int, state: dict[str, Any], config_yaml: str, out_dir: str,
+         keep: int, keep_best: bool = False) -> Optional[str]:
+    """Write the checkpoint of `step` (collective: every rank calls it). Returns its folder."""
+    unwrapped: PeftModel = accelerator.unwrap_model(model)
+    params = sharding.gather_params(unwrapped)
+    opt_tensors, opt_scalars = sharding.gather_optimizer_state(unwrapped, optimizer)
     final = os.path.join(out_dir, "checkpoints", f"step-{step:06d}")
-    tmp = final + ".tmp"
+    error: Optional[BaseException] = None
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        try:
+            _write(unwrapped, params, opt_tensors, opt_scalars, step, state, config_yaml, final,
+                   accelerator.num_processes)
+            _prune(out_dir, keep, keep_best)
+        except OSError as e:
+            error = e
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    save_adapter(accelerator, model, os.path.join(tmp, "adapter"))
-    if accelerator.is_main_process:
-        shutil.copyfile(config_yaml, os.path.join(tmp, "config.yaml"))
-        with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump({"step": step, **state}, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, old in checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC:
+            raise CheckpointError(f"the disk is full: checkpoint {final} was not written (the previous checkpoint "
+                                  "is intact); free space and resume with train.resume=auto") from error
+        raise error
     return final
 
 
-def save_adapter(accelerator, model, path: str) -> None:
-    """The adapter in PEFT format, written once by the main process."""
-    unwrapped: PeftModel = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(path, is_main_process=accelerator.is_main_process)
+def _write(unwrapped: PeftModel, params, opt_tensors, opt_scalars, step, state, config_yaml, final, world) -> None:
+    for t in params.values():
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"refusing to write a checkpoint with non-finite adapter weights at step {step}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        unwrapped.save_pretrained(os.path.join(tmp, "adapter"), state_dict=params)
+        faults.maybe_kill("ckpt-adapter", step)
+        faults.maybe_disk_full(step)
+        _write_tensors(opt_tensors, os.path.join(tmp, OPTIMIZER_FILE))
+        faults.maybe_kill("ckpt-optimizer", step)
+        shutil.copyfile(config_yaml, os.path.join(tmp, "config.yaml"))
+        with open(os.path.join(tmp, STATE_FILE), "w") as f:
+            json.dump({"step": step, "world_size": world, "optimizer_scalars": opt_scalars, **state}, f, indent=2)
+        files = {}
+        for rel in _files(tmp):
+            full = os.path.join(tmp, rel)
+            with open(full, "rb+") as f:
+                os.fsync(f.fileno())
+            files[rel] = {"size": os.path.getsize(full), "sha256": _sha256(full)}
+        faults.maybe_kill("ckpt-manifest", step)
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"format": FORMAT, "step": step, "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        faults.maybe_kill("ckpt-rename", step)
+        if os.path.exists(final):  # a re-run of the same step: keep the old one until the new one is complete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(os.path.dirname(final))
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def load(accelerator, model, path: str) -> dict[str, Any]:
-    """Restore adapter, optimizer and RNG states; returns the loop state."""
-    from safetensors.torch import load_file
+def _prune(out_dir: str, keep: int, keep_best: bool) -> None:
+    """Keep the newest `keep` checkpoints (and the best by validation loss), drop the rest and stale .tmp folders."""
+    root = os.path.join(out_dir, "checkpoints")
+    found = checkpoints(out_dir)
+    keepers = {p for _, p in found[-keep:]} if keep > 0 else {p for _, p in found}
+    if keep_best:
+        scored = [(read_state(p).get("eval_loss"), p) for _, p in found]
+        scored = [(loss, p) for loss, p in scored if loss is not None]
+        if scored:
+            keepers.add(min(scored)[1])
+    for _, p in found:
+        if p not in keepers:
+            shutil.rmtree(p, ignore_errors=True)
+    for name in os.listdir(root):
+        if name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
-    from .adapter_io import set_peft_model_state_dict
 
-    accelerator.load_state(path)
-    unwrapped: PeftModel = accelerator.unwrap_model(model)
-    weights = os.path.join(path, "adapter", "adapter_model.safetensors")
-    set_peft_model_state_dict(unwrapped, load_file(weights), "default", source=weights)
+def read_state(path: str) -> dict[str, Any]:
     with open(os.path.join(path, STATE_FILE)) as f:
         return json.load(f)
+
+
+def load(accelerator, model, optimizer, path: str) -> dict[str, Any]:
+    """Restore the adapter and its optimizer state (any world size); returns the loop state."""
+    from safetensors.torch import load_file
+
+    from .adapter_io import adapter_key_map
+
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}; delete it to resume from the one before")
+    unwrapped: PeftModel = accelerator.unwrap_model(model)
+    state = read_state(path)
+    weights = os.path.join(path, "adapter", "adapter_model.safetensors")
+    file_tensors = load_file(weights)
+    names = {name for name, _ in sharding.trainable(unwrapped)}
+    key_map = {m: f for f, m in adapter_key_map(unwrapped, "default", unwrapped.peft_config["default"]).items()}
+    missing = sorted(n for n in names if key_map.get(n) not in file_tensors)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: no weights for {missing[:3]}; it was "
+                              "written by a run with another lora or model config")
+    params = {n: file_tensors[key_map[n]] for n in names}
+    for n, p in sharding.trainable(unwrapped):
+        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+        if tuple(params[n].shape) != shape:
+            raise CheckpointError(f"checkpoint {path}: {n} has shape {tuple(params[n].shape)}, the model {shape}")
+    sharding.scatter_params(unwrapped, params)
+    sharding.scatter_optimizer_state(unwrapped, optimizer, load_file(os.path.join(path, OPTIMIZER_FILE)),
+                                     state.get("optimizer_scalars", {}))
+    return state
+
+
+def save_final_adapter(accelerator, model, path: str) -> None:
+    """The adapter in PEFT format, gathered whole from any sharding and written once by the main process."""
+    unwrapped: PeftModel = accelerator.unwrap_model(model)
+    params = sharding.gather_params(unwrapped)
+    if accelerator.is_main_process:
+        bad = [n for n, t in params.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise CheckpointError(f"refusing to write a non-finite adapter to {path} ({bad[0]} and {len(bad) - 1} "
+                                  "more); resume from the last checkpoint")
+        unwrapped.save_pretrained(path, state_dict=params)
+    accelerator.wait_for_everyone()

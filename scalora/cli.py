@@ -28,6 +28,10 @@ def _relaunch(args: argparse.Namespace, cfg) -> int:
            "--num_processes", str(cfg.dist.num_processes), "-m", "scalora", "train"]
     cmd += ([args.config] if args.config else []) + list(args.overrides)
     env = dict(os.environ, ACCELERATE_LAUNCH="1")
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on a CPU-only machine
     return subprocess.call(cmd, env=env)
 
 
@@ -128,6 +132,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "NonFiniteLoss":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

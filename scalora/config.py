@@ -95,6 +95,10 @@ class TrainConfig:
     eval_every: int = _f(50, "steps between validations (0: only at the end)")
     save_every: int = _f(100, "steps between checkpoints (0: only at the end)")
     save_total_limit: int = _f(2, "checkpoints kept (newest first)")
+    keep_best: bool = _f(False, "also keep the checkpoint with the lowest validation loss")
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "a non-finite loss or gradient: stop (nothing written after the last good checkpoint) or skip the "
+        "optimizer step (not with DeepSpeed, which steps inside backward)")
     resume: Literal["auto", "never"] = _f("auto", "auto: continue from the newest checkpoint in output_dir")
     overwrite: bool = _f(False, "allow output_dir to hold a different run")
 

@@ -20,20 +20,43 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
+
+
 def make_accelerator(global_batch: int, micro_batch: int, mixed_precision: str, log_with: Any, project_dir: str):
-    """An Accelerator whose gradient accumulation keeps the global batch the same for any number of processes."""
+    """An Accelerator whose gradient accumulation keeps the global batch the same for any number of processes.
+
+    The topology comes from `accelerate launch` (its environment); on GPUs accelerate takes it as is. On CPU-only
+    machines accelerate needs help, measured with accelerate 1.15: `cpu=True` is required for multi-process data
+    parallel (otherwise every process runs alone), but it also disables DeepSpeed and FSDP. So: DeepSpeed runs with
+    `cpu=False` on a gloo process group (DeepSpeed's CPU accelerator), and FSDP starts as multi-CPU and is then
+    switched on from the same FSDP_* environment accelerate would read on GPUs.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     world = world_size()
     if global_batch % (micro_batch * world):
         raise ValueError(f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size="
                          f"{micro_batch} x {world} processes: change one of them so that it divides")
     accum = global_batch // (micro_batch * world)
-    # cpu=True is needed for multi-process CPU runs: without it each process silently runs alone.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision,
-                       gradient_accumulation_steps=accum, log_with=log_with,
-                       project_config=ProjectConfiguration(project_dir=project_dir))
+    kwargs: dict[str, Any] = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=accum,
+                                  log_with=log_with, project_config=ProjectConfiguration(project_dir=project_dir))
+    if torch.cuda.is_available():
+        return Accelerator(**kwargs)
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
+    accelerator = Accelerator(cpu=True, **kwargs)
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = AcceleratorState()
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
 
 
 def peak_memory_bytes() -> int:
@@ -42,3 +65,54 @@ def peak_memory_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def topology(accelerator) -> str:
+    """A short name of what accelerate set up: single, ddp, zero2, zero3, fsdp (for messages and summaries)."""
+    from accelerate.utils import DistributedType
+
+    t = accelerator.distributed_type
+    if t == DistributedType.DEEPSPEED:
+        return f"zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if t == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def check_topology(accelerator, cfg) -> None:
+    """Refuse, before any model is loaded, combinations that fail deep inside DeepSpeed or FSDP later."""
+    kind = topology(accelerator)
+    problems = []
+    sharded = kind in ("zero2", "zero3", "fsdp")
+    if sharded and cfg.train.optimizer != "adamw":
+        problems.append(f"train.optimizer={cfg.train.optimizer} keeps block-wise 8-bit state that {kind} cannot "
+                        "shard: use train.optimizer=adamw (sharding already divides the optimizer memory)")
+    if kind in ("zero3", "fsdp") and cfg.quant.bits == 8:
+        problems.append(f"quant.bits=8: LLM.int8 weights cannot be sharded by {kind}: use quant.bits=4 (QLoRA), or "
+                        "launch/ddp.yaml / launch/zero2.yaml, which keep the base whole on every process")
+    if kind in ("zero3", "fsdp") and cfg.quant.bits == 4 and cfg.quant.storage_dtype == "uint8":
+        problems.append(f"quant.storage_dtype=uint8: {kind} shards parameters of one dtype; leave "
+                        "quant.storage_dtype=auto so the packed 4-bit weights are stored in the compute dtype")
+    if kind.startswith("zero") and cfg.train.on_nonfinite == "skip":
+        problems.append("train.on_nonfinite=skip: DeepSpeed steps the optimizer inside backward, so a step cannot "
+                        "be skipped; use train.on_nonfinite=stop (the run resumes from its last checkpoint)")
+    if problems:
+        raise ValueError(f"this run cannot work under {kind} ({accelerator.num_processes} processes):\n  - "
+                         + "\n  - ".join(problems))
+
+
+def fill_deepspeed_config(accelerator, micro_batch: int, max_grad_norm: float) -> None:
+    """Give DeepSpeed's "auto" fields scalora's values (accelerate fills them only from a DataLoader)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    values = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_clipping": max_grad_norm,
+              "gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
+    for key, value in values.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds["train_batch_size"] = micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ValueError("the DeepSpeed config file defines an optimizer or scheduler; scalora builds both from "
+                         "the run config (train.optimizer, train.schedule): remove them from the JSON file")

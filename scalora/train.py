@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, dist
+from . import checkpoint, dist, faults, sharding
 from .config import RunConfig
 from .data import IGNORE, Datasets, build_datasets, collate, count_loss_tokens, instruction_prompt
 from .model import build_model, compute_dtype
@@ -145,8 +145,15 @@ def _same_run(previous: dict, mine: dict) -> bool:
     return strip(previous.get("train")) == strip(mine["train"])
 
 
-def prepare_output_dir(cfg: RunConfig, out: str, is_main: bool) -> Optional[str]:
-    """Refuse a folder that holds another run; returns the checkpoint to resume from, if any."""
+_RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", "config.yaml")
+
+
+def prepare_output_dir(cfg: RunConfig, out: str) -> tuple[Optional[str], bool]:
+    """Refuse a folder that holds another run. Returns (checkpoint to resume from, whether to clear the old run).
+
+    Clearing (train.overwrite=true) is left to the caller, after the model and data have loaded, so that a bad
+    input never costs the previous run.
+    """
     saved = os.path.join(out, "config.yaml")
     if os.path.exists(saved):
         import yaml
@@ -155,19 +162,21 @@ def prepare_output_dir(cfg: RunConfig, out: str, is_main: bool) -> Optional[str]
             previous = yaml.safe_load(f) or {}
         same = _same_run(previous, cfg.to_dict())
         if cfg.train.overwrite:
-            if is_main:
-                for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", "config.yaml"):
-                    p = os.path.join(out, name)
-                    shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
-            return None
+            return None, True
         if not same:
             raise ValueError(f"{out} holds a run with a different config ({saved}); choose another train.output_dir, "
                              "or pass train.overwrite=true to replace it")
         if cfg.train.resume == "auto":
-            return checkpoint.latest(out)
+            return checkpoint.latest(out), False
         raise ValueError(f"{out} already holds this run; pass train.resume=auto to continue it or "
                          "train.overwrite=true to start again")
-    return None
+    return None, False
+
+
+def _clear_previous_run(out: str) -> None:
+    for name in _RUN_FILES:
+        p = os.path.join(out, name)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -181,12 +190,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     accelerator = dist.make_accelerator(cfg.train.global_batch_size, cfg.train.micro_batch_size, mixed,
                                         tracker_name, out)
     main = accelerator.is_main_process
-    resume_from = prepare_output_dir(cfg, out, main)
+    dist.check_topology(accelerator, cfg)
+    stopper = _StopSignal()
+    resume_from, clear_old = prepare_output_dir(cfg, out)
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
     t_start = time.time()
-    model, tokenizer, base_path = build_model(cfg, device_map={"": accelerator.device})
+    # transformers refuses a device_map under ZeRO-3, which places the partitions itself.
+    device_map = None if dist.topology(accelerator) == "zero3" else {"": accelerator.device}
+    model, tokenizer, base_path = build_model(cfg, device_map=device_map)
     data = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if len(data.train) < G:
@@ -194,23 +207,29 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                          f"fewer than train.global_batch_size={G}: lower the batch size or add data")
     per_epoch = len(data.train) // G
     total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
+    trainable, all_params = model.get_nb_trainable_parameters()  # before sharding splits them
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
+    dist.fill_deepspeed_config(accelerator, micro, cfg.train.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
-    checkpoint.register_adapter_only_hooks(accelerator)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
     config_yaml = os.path.join(out, "config.yaml")
     if main:
+        if clear_old:
+            _clear_previous_run(out)
         cfg.save(config_yaml)
+    accelerator.wait_for_everyone()
 
     start, run_id, history = 0, uuid.uuid4().hex[:12], {}
     if resume_from:
-        state = checkpoint.load(accelerator, model, resume_from)
+        _check_checkpoint_config(cfg, resume_from)
+        state = checkpoint.load(accelerator, model, optimizer, resume_from)
         start, run_id = state["step"], state.get("run_id", run_id)
         for _ in range(start):
             scheduler.step()
     tracker = Tracker(accelerator, cfg, out, tracker_name, run_id)
-    tracker.truncate_after(start)
+    tracker.truncate_after(start if resume_from else -1)  # a run killed before its first checkpoint restarts clean
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = tokenizer.pad_token_id
     block_mask = not (cfg.model.attn_implementation or "").startswith("flash")
@@ -222,7 +241,6 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     if data.stats["truncated"] or data.stats["dropped"]:
         log.line(f"data: {data.stats['truncated']} examples truncated, {data.stats['dropped']} dropped "
                  f"(data.max_length={cfg.data.max_length}, data.too_long={cfg.data.too_long})")
-    trainable, all_params = accelerator.unwrap_model(model).get_nb_trainable_parameters()
     log.line(f"trainable params: {trainable:,d} || all params: {all_params:,d} || "
              f"trainable%: {100 * trainable / all_params:.4f}")
 
@@ -235,31 +253,48 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     model.train()
     tokens_seen, t0, window_tokens, window_t = 0, time.time(), 0, time.time()
     last_eval: dict[str, float] = dict(first_eval)
+    skipped, eval_step = 0, 0
     for step in range(start, total):
         rows = [data.train[i] for i in global_batch(step, len(data.train), G, cfg.train.seed)]
         n_tokens = count_loss_tokens(rows)  # the whole global batch's, known on every rank without a collective
         mine = rows[rank * (G // world):(rank + 1) * (G // world)]
         step_loss = torch.zeros((), device=accelerator.device)
         for i in range(0, len(mine), micro):
+            # Dropout is seeded by the micro-batch's place in the global batch: the same examples get the same
+            # masks on any number of processes, and a resumed run needs no saved RNG state.
+            torch.manual_seed(_micro_seed(cfg.train.seed, step, (rank * (G // world) + i) // micro))
             with accelerator.accumulate(model):
                 batch = _device_batch(mine[i:i + micro], pad_id, accelerator.device, block_mask)
                 loss_sum = token_loss_sum(model, batch)
+                if faults.hit("nan", step + 1):
+                    loss_sum = loss_sum * float("nan")
                 # Gradient of the global batch's mean token loss: DDP averages over W ranks and accelerate divides
                 # by the accumulation steps A, so each micro-batch contributes sum * W * A / N.
                 accelerator.backward(loss_sum * world * accelerator.gradient_accumulation_steps / max(1, n_tokens))
                 step_loss += loss_sum.detach()
                 grad_norm = None
-                if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                optimizer.step()
+                if accelerator.sync_gradients and (cfg.train.max_grad_norm > 0 or cfg.train.on_nonfinite == "skip"):
+                    grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                if grad_norm is not None and cfg.train.on_nonfinite == "skip" and not math.isfinite(grad_norm):
+                    skipped += 1
+                    log.line(f"step {step + 1}: non-finite gradient norm, optimizer step skipped "
+                             f"({skipped} so far; train.on_nonfinite=skip)")
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         done = step + 1
+        faults.maybe_kill("step", done)
+        step_loss = accelerator.reduce(step_loss, "sum")
+        if not torch.isfinite(step_loss) and cfg.train.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"step {done}: the training loss is {step_loss.item()} (non-finite); stopped with "
+                                f"nothing written after the last checkpoint. Resume with a lower train.lr, or set "
+                                f"train.on_nonfinite=skip to skip such steps")
         batch_tokens = sum(len(r["input_ids"]) for r in rows)
         tokens_seen += batch_tokens
         window_tokens += batch_tokens
         if cfg.train.log_every and (done % cfg.train.log_every == 0 or done == total):
-            mean_loss = (accelerator.reduce(step_loss, "sum") / max(1, n_tokens)).item()
+            mean_loss = (step_loss / max(1, n_tokens)).item()
             now = time.time()
             metrics = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": window_tokens / max(1e-9, now - window_t),
@@ -272,25 +307,34 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         else:
             log.tick(done)
         if data.validation and cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != total:
-            last_eval = _validate(model, accelerator, data, tokenizer, cfg, micro, pad_id)
+            last_eval, eval_step = _validate(model, accelerator, data, tokenizer, cfg, micro, pad_id), done
             tracker.log(last_eval, step=done)
             log.line(_fmt(done, last_eval))
-        if cfg.train.save_every and done % cfg.train.save_every == 0 and done != total:
-            checkpoint.save(accelerator, model, done, {"run_id": run_id}, config_yaml, out,
-                            cfg.train.save_total_limit)
+        stop = stopper.requested(accelerator)
+        if done != total and (stop or cfg.train.save_every and done % cfg.train.save_every == 0):
+            path = _save(accelerator, model, optimizer, done, run_id, last_eval if eval_step == done else {}, config_yaml, cfg)
+            if stop:
+                log.line(f"{stopper.name} received: checkpoint {path} written at step {done}; resume with the same "
+                         "command (train.resume=auto)")
+                accelerator.wait_for_everyone()
+                tracker.finish()
+                return {"steps": done, "stopped_by": stopper.name, "checkpoint": path}
 
     if data.validation and start < total:
-        last_eval = _validate(model, accelerator, data, tokenizer, cfg, micro, pad_id)
+        last_eval, eval_step = _validate(model, accelerator, data, tokenizer, cfg, micro, pad_id), total
         tracker.log(last_eval, step=total)
         log.line(_fmt(total, last_eval))
     if start < total:
-        checkpoint.save(accelerator, model, total, {"run_id": run_id}, config_yaml, out, cfg.train.save_total_limit)
-    checkpoint.save_adapter(accelerator, model, os.path.join(out, "final"))
-    tracker.finish()
+        _save(accelerator, model, optimizer, total, run_id, last_eval if eval_step == total else {}, config_yaml, cfg)
+    checkpoint.save_final_adapter(accelerator, model, os.path.join(out, "final"))
+    opt_elements = accelerator.gather(torch.tensor([sharding.local_optimizer_state_elements(optimizer)],
+                                                   device=accelerator.device)).tolist()
     elapsed = time.time() - t0
     summary = {"steps": total, "resumed_from_step": start, "train_tokens": tokens_seen,
                "train_seconds": round(elapsed, 2), "total_seconds": round(time.time() - t_start, 2),
                "tokens_per_s": round(tokens_seen / max(1e-9, elapsed), 1), "processes": world,
+               "topology": dist.topology(accelerator), "optimizer_state_elements_per_rank": opt_elements,
+               "trainable_params": trainable, "skipped_steps": skipped,
                "peak_memory_gb": round(dist.peak_memory_bytes() / 2**30, 3),
                "first_eval": first_eval, "final_eval": last_eval, "adapter": os.path.join(out, "final")}
     if main:
@@ -301,7 +345,62 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         png = plot_losses(os.path.join(out, "metrics.jsonl"), os.path.join(out, "loss.png"))
         log.line(_summary_text(summary, png))
     accelerator.wait_for_everyone()
+    tracker.finish()  # accelerate's end_training also ends the process group: last
     return summary
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _micro_seed(seed: int, step: int, micro_index: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + micro_index) % (2**63 - 1)
+
+
+def _save(accelerator, model, optimizer, step, run_id, step_eval, config_yaml, cfg) -> str:
+    state = {"run_id": run_id, "eval_loss": step_eval.get("eval/loss")}
+    return checkpoint.save(accelerator, model, optimizer, step, state, config_yaml, cfg.train.output_dir,
+                           cfg.train.save_total_limit, cfg.train.keep_best)
+
+
+def _check_checkpoint_config(cfg: RunConfig, path: str) -> None:
+    import yaml
+
+    with open(os.path.join(path, "config.yaml")) as f:
+        previous = yaml.safe_load(f) or {}
+    if not _same_run(previous, cfg.to_dict()):
+        raise ValueError(f"checkpoint {path} was written by a run with a different config ({path}/config.yaml); "
+                         "resume with that config, or pass train.overwrite=true to start a new run here")
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) ask for a checkpoint at the next step boundary, then a clean exit."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.name: Optional[str] = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.name = signal.Signals(signum).name
+
+    def requested(self, accelerator) -> bool:
+        """Whether any rank was signalled (agreed by all ranks, so that all of them save and stop together)."""
+        flag = torch.tensor(float(self.name is not None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, "max")
+        if flag.item() and self.name is None:
+            self.name = "SIGTERM"
+        return bool(flag.item())
 
 
 def _validate(model, accelerator, data, tokenizer, cfg, micro, pad_id) -> dict[str, float]:

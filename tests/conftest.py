@@ -15,6 +15,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 VOCAB = 128
 
 
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """Environment for CLI subprocesses: the builtin base built once into a private cache, no hub, no wandb key."""
+    from scalora.builtin import tiny_llama_path
+
+    cache = tmp_path_factory.mktemp("cache")
+    base = tiny_llama_path(str(cache))
+    e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    e.update(SCALORA_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
+             PYTHONUNBUFFERED="1")
+    return {"env": e, "base": base, "root": tmp_path_factory.mktemp("runs")}
+
+
 def tiny_config(arch: str):
     """A few-thousand-parameter transformers config of a real architecture."""
     import transformers as tf

@@ -1,7 +1,6 @@
 """`scalora train / merge / generate` through the real CLI, in subprocesses, on the embedded default."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,28 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import scalora
 
-FAST = ["train.max_steps=6", "train.save_every=3", "train.eval_every=3", "data.max_eval_generate=4",
-        "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from scalora.builtin import tiny_llama_path
-
-    cache = tmp_path_factory.mktemp("cache")
-    base = tiny_llama_path(str(cache))
-    e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
-    e.update(SCALORA_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return {"env": e, "base": base, "root": tmp_path_factory.mktemp("runs")}
-
-
-def run(env, *args, check=True):
-    p = subprocess.run([sys.executable, "-m", "scalora", *args], env=env["env"], capture_output=True, text=True,
-                       timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"scalora {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-3000:]}")
-    return p
+from helpers import FAST, run
 
 
 @pytest.fixture(scope="module")
