@@ -66,10 +66,18 @@ class Tracker:
         """On resume, drop metric lines written after the checkpoint, so the history equals an uninterrupted run."""
         if not self.main or not os.path.exists(self.path):
             return
+        keep = []
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except ValueError:  # a line cut short by a kill
+                    pass
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(keep)
+        os.replace(tmp, self.path)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.main:

@@ -134,7 +134,7 @@ def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -
 
 
 # Keys that may change between a run and its continuation: how long to train and how to start.
-_CONTINUATION_KEYS = ("resume", "overwrite", "max_steps", "epochs")
+_CONTINUATION_KEYS = ("resume", "overwrite", "max_steps", "epochs", "output_dir")  # a run folder may be moved
 
 
 def _same_run(previous: dict, mine: dict) -> bool:
@@ -193,6 +193,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     dist.check_topology(accelerator, cfg)
     stopper = _StopSignal()
     resume_from, clear_old = prepare_output_dir(cfg, out)
+    if resume_from:
+        _check_checkpoint_config(cfg, resume_from)
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
@@ -221,11 +223,10 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         cfg.save(config_yaml)
     accelerator.wait_for_everyone()
 
-    start, run_id, history = 0, uuid.uuid4().hex[:12], {}
+    start, run_id, tokens_before = 0, uuid.uuid4().hex[:12], 0
     if resume_from:
-        _check_checkpoint_config(cfg, resume_from)
         state = checkpoint.load(accelerator, model, optimizer, resume_from)
-        start, run_id = state["step"], state.get("run_id", run_id)
+        start, run_id, tokens_before = state["step"], state.get("run_id", run_id), state.get("tokens", 0)
         for _ in range(start):
             scheduler.step()
     tracker = Tracker(accelerator, cfg, out, tracker_name, run_id)
@@ -298,7 +299,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             now = time.time()
             metrics = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
                        "train/tokens_per_s": window_tokens / max(1e-9, now - window_t),
-                       "train/tokens": tokens_seen, "train/peak_memory_gb": dist.peak_memory_bytes() / 2**30}
+                       "train/tokens": tokens_before + tokens_seen,
+                       "train/peak_memory_gb": dist.peak_memory_bytes() / 2**30}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             window_tokens, window_t = 0, now
@@ -312,7 +314,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             log.line(_fmt(done, last_eval))
         stop = stopper.requested(accelerator)
         if done != total and (stop or cfg.train.save_every and done % cfg.train.save_every == 0):
-            path = _save(accelerator, model, optimizer, done, run_id, last_eval if eval_step == done else {}, config_yaml, cfg)
+            path = _save(accelerator, model, optimizer, done, run_id, tokens_before + tokens_seen,
+                         last_eval if eval_step == done else {}, config_yaml, cfg)
             if stop:
                 log.line(f"{stopper.name} received: checkpoint {path} written at step {done}; resume with the same "
                          "command (train.resume=auto)")
@@ -325,7 +328,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         tracker.log(last_eval, step=total)
         log.line(_fmt(total, last_eval))
     if start < total:
-        _save(accelerator, model, optimizer, total, run_id, last_eval if eval_step == total else {}, config_yaml, cfg)
+        _save(accelerator, model, optimizer, total, run_id, tokens_before + tokens_seen,
+              last_eval if eval_step == total else {}, config_yaml, cfg)
     checkpoint.save_final_adapter(accelerator, model, os.path.join(out, "final"))
     opt_elements = accelerator.gather(torch.tensor([sharding.local_optimizer_state_elements(optimizer)],
                                                    device=accelerator.device)).tolist()
@@ -357,8 +361,8 @@ def _micro_seed(seed: int, step: int, micro_index: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + micro_index) % (2**63 - 1)
 
 
-def _save(accelerator, model, optimizer, step, run_id, step_eval, config_yaml, cfg) -> str:
-    state = {"run_id": run_id, "eval_loss": step_eval.get("eval/loss")}
+def _save(accelerator, model, optimizer, step, run_id, tokens, step_eval, config_yaml, cfg) -> str:
+    state = {"run_id": run_id, "tokens": tokens, "eval_loss": step_eval.get("eval/loss")}
     return checkpoint.save(accelerator, model, optimizer, step, state, config_yaml, cfg.train.output_dir,
                            cfg.train.save_total_limit, cfg.train.keep_best)
 

@@ -1,0 +1,244 @@
+"""Never lose a run: kills at any point, preemption, non-finite losses, full disks, dead ranks, secrets.
+
+Every interrupted run is resumed and compared with one uninterrupted run of the same config: on one process in fp32
+the final adapter must be bitwise equal and the metric history the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from scalora import checkpoint
+
+from helpers import DIST, adapter, launch_cmd, losses, max_diff, run
+
+ARGS = ["train.max_steps=6", "train.save_every=1", "train.save_total_limit=2", "train.eval_every=3",
+        "data.max_eval_generate=0", "train.schedule=cosine", "train.warmup_ratio=0.2", "train.log_every=1",
+        "log.report_to=none"]
+
+
+def train_args(out, *extra):
+    return ["train", "configs/tiny.yaml", *ARGS, f"train.output_dir={out}", *extra]
+
+
+def faulty(env, spec, once=None):
+    e = dict(env["env"], SCALORA_FAULT_INJECT=spec)
+    if once:
+        e["SCALORA_FAULT_ONCE"] = str(once)
+    return {**env, "env": e}
+
+
+def history(out):
+    """The metric lines minus what depends on the clock."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in ("train/tokens_per_s", "train/peak_memory_gb")} for r in rows]
+
+
+def assert_same_run(out, ref):
+    a, b = adapter(out), adapter(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert history(out) == history(ref)
+
+
+def tree_digest(root) -> dict[str, str]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    out = env["root"] / "faults-ref"
+    run(env, *train_args(out))
+    return out
+
+
+def test_sigkill_at_steps_and_inside_checkpoint_writes(env, reference):
+    """Seven kills in one run: after optimizer steps and at every stage of a checkpoint write; then resume."""
+    out = env["root"] / "faults-kill"
+    rng = random.Random(0)
+    points = [("step", rng.randint(1, 2)), ("ckpt-adapter", 3), ("ckpt-optimizer", 3), ("ckpt-manifest", 4),
+              ("ckpt-rename", 4), ("step", 5), ("ckpt-rename", 6)]
+    for point, step in points:
+        p = run(faulty(env, f"{point}@{step}"), *train_args(out), check=False)
+        assert p.returncode == -signal.SIGKILL, (point, step, p.stdout[-2000:], p.stderr[-2000:])
+        for _, path in checkpoint.checkpoints(out):  # whatever survived is complete
+            assert checkpoint.verify(path) is None
+        assert not os.path.exists(out / "final")
+    p = run(env, *train_args(out))
+    assert "resuming from" in p.stdout
+    assert_same_run(out, reference)
+
+
+def test_sigkill_from_outside_at_random_times(env, reference):
+    out = env["root"] / "faults-kill-ext"
+    rng = random.Random(1)
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "scalora", *train_args(out)], env=env["env"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in proc.stdout:  # wait until training runs, then kill at a random moment
+            if line.startswith("step ") and "/6" in line:
+                break
+        time.sleep(rng.uniform(0, 1.5))
+        proc.kill()
+        proc.wait()
+    run(env, *train_args(out))
+    assert_same_run(out, reference)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(env, reference):
+    out = env["root"] / "faults-term"
+    proc = subprocess.Popen([sys.executable, "-m", "scalora", *train_args(out, "train.save_every=0")],
+                            env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/6"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM received: checkpoint" in rest
+    saved = checkpoint.checkpoints(out)
+    assert len(saved) == 1 and 2 <= saved[0][0] < 6
+    run(env, *train_args(out, "train.save_every=0"))
+    assert_same_run(out, reference)
+
+
+def test_nonfinite_loss_stops_without_writing(env):
+    out = env["root"] / "faults-nan"
+    p = run(faulty(env, "nan@4"), *train_args(out), check=False)
+    assert p.returncode == 3 and "step 4" in p.stderr and "non-finite" in p.stderr
+    assert [s for s, _ in checkpoint.checkpoints(out)] == [2, 3]  # nothing after the last good step
+    assert not os.path.exists(out / "final")
+    out2 = env["root"] / "faults-nan-skip"
+    p = run(faulty(env, "nan@4"), *train_args(out2, "train.on_nonfinite=skip"))
+    assert "step 4: non-finite gradient norm, optimizer step skipped" in p.stdout
+    summary = json.loads((out2 / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in adapter(out2).values())
+
+
+def test_full_disk_keeps_the_previous_checkpoint(env):
+    out = env["root"] / "faults-disk"
+    p = run(faulty(env, "enospc@3"), *train_args(out), check=False)
+    assert p.returncode == 2 and "disk is full" in p.stderr and "previous checkpoint is intact" in p.stderr
+    assert [s for s, _ in checkpoint.checkpoints(out)] == [1, 2]
+    assert checkpoint.verify(str(out / "checkpoints/step-000002")) is None
+    assert not any(n.endswith(".tmp") for n in os.listdir(out / "checkpoints"))
+
+
+def test_damaged_checkpoint_is_skipped(env, reference, tmp_path):
+    """A checkpoint whose file no longer matches its checksum is passed over for the one before it."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    newest = out / "checkpoints/step-000006/optimizer.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-1] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="sha256"):
+        assert checkpoint.latest(str(out)).endswith("step-000005")
+
+
+def test_a_dead_rank_ends_the_job_and_torchrun_restarts_it(env, reference):
+    """Rank 1 is killed at step 4 of a 2-process run; torchrun (--max_restarts 1) restarts both, which resume."""
+    out = env["root"] / "faults-rank"
+    marker = env["root"] / "faults-rank-fired"
+    ref = env["root"] / "faults-rank-ref"
+    run(env, "train", "configs/tiny.yaml", *DIST, "train.save_every=1", f"train.output_dir={ref}")
+    cmd = launch_cmd("launch/ddp.yaml", "configs/tiny.yaml", *DIST, "train.save_every=1", f"train.output_dir={out}",
+                     extra=("--max_restarts", "1", "--monitor_interval", "1", "--rdzv_backend", "c10d"))
+    t0 = time.time()
+    p = subprocess.run(cmd, env=faulty(env, "step@4@1", once=marker)["env"], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert marker.exists() and "resuming from" in p.stdout
+    assert time.time() - t0 < 300
+    assert max_diff(adapter(out), adapter(ref)) < 1e-4
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-5)
+
+
+def test_a_dead_rank_without_restarts_fails_promptly(env):
+    out = env["root"] / "faults-rank-norestart"
+    cmd = launch_cmd("launch/ddp.yaml", "configs/tiny.yaml", *DIST, "train.save_every=1", f"train.output_dir={out}")
+    t0 = time.time()
+    p = subprocess.run(cmd, env=faulty(env, "step@3@1")["env"], capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    assert time.time() - t0 < 180  # no hang: gloo sees the peer gone, torchrun stops the others
+    assert [s for s, _ in checkpoint.checkpoints(out)][-1] >= 2
+
+
+def test_secrets_never_reach_files_or_logs(env):
+    out = env["root"] / "faults-secrets"
+    secrets = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SeCrEtToKeN1234"}
+    e = {**env, "env": dict(env["env"], **secrets)}
+    p = run(e, *train_args(out, "train.max_steps=2", "log.report_to=wandb", "log.wandb_mode=offline"))
+    blobs = [p.stdout, p.stderr]
+    for d, _, names in os.walk(out):
+        blobs += [open(os.path.join(d, n), "rb").read().decode("latin-1") for n in names]
+    assert len(blobs) > 10
+    for value in secrets.values():
+        assert not any(value in b for b in blobs)
+
+
+def test_bad_input_never_damages_a_finished_run(env, reference, tmp_path):
+    """train.overwrite=true with a bad model or data file: the error comes before the old run is touched."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = tree_digest(out)
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"text": "fine"}\n{"text": broken\n')
+    for override, message in [(f"data.train_file={bad_data}", "line 2"),
+                              ("model.name_or_path=/no/such/model", "could not be loaded"),
+                              ("lora.target_modules=[nothing_matches]", "nothing_matches")]:
+        p = run(env, *train_args(out, "train.overwrite=true", override), check=False)
+        assert p.returncode == 2 and message in p.stderr, (override, p.stderr[-1500:])
+        assert tree_digest(out) == before, override
+
+
+def test_checkpoint_from_a_different_config_is_refused(env, reference, tmp_path):
+    """A checkpoint copied in from another run (its own config differs) is refused, not silently loaded."""
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    ckpt = out / "checkpoints/step-000006"
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["lora"]["alpha"] = 7.0
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())  # a consistent, complete checkpoint
+    manifest["files"]["config.yaml"] = {"size": (ckpt / "config.yaml").stat().st_size,
+                                        "sha256": hashlib.sha256((ckpt / "config.yaml").read_bytes()).hexdigest()}
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    before = tree_digest(out)
+    p = run(env, *train_args(out, "train.max_steps=8"), check=False)
+    assert p.returncode == 2 and "different config" in p.stderr and "step-000006" in p.stderr
+    assert tree_digest(out) == before
+
+
+def test_unreachable_wandb_trains_on_offline_with_one_warning(env):
+    out = env["root"] / "faults-wandb"
+    e = {**env, "env": dict(env["env"], WANDB_API_KEY="local-" + "0" * 40, WANDB_BASE_URL="http://127.0.0.1:9",
+                            WANDB_INIT_TIMEOUT="10")}
+    p = run(e, *train_args(out, "train.max_steps=2", "log.report_to=wandb", "log.wandb_mode=online"), timeout=300)
+    assert p.stderr.count("UserWarning: the wandb tracker could not start") == 1, p.stderr[-2000:]
+    assert len(losses(out)) == 2 and (out / "final/adapter_model.safetensors").exists()
