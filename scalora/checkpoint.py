@@ -137,10 +137,15 @@ def save(accelerator, model, optimizer, step: int, state: dict[str, Any], config
     return final
 
 
+def _refuse_nonfinite(params: dict[str, torch.Tensor], where: str) -> None:
+    bad = [n for n, t in params.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"refusing to write a non-finite adapter to {where} ({bad[0]} and {len(bad) - 1} "
+                              "more); resume from the last checkpoint")
+
+
 def _write(unwrapped: PeftModel, params, opt_tensors, opt_scalars, step, state, config_yaml, final, world) -> None:
-    for t in params.values():
-        if not torch.isfinite(t).all():
-            raise CheckpointError(f"refusing to write a checkpoint with non-finite adapter weights at step {step}")
+    _refuse_nonfinite(params, final)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -233,9 +238,6 @@ def save_final_adapter(accelerator, model, path: str) -> None:
     unwrapped: PeftModel = accelerator.unwrap_model(model)
     params = sharding.gather_params(unwrapped)
     if accelerator.is_main_process:
-        bad = [n for n, t in params.items() if not torch.isfinite(t).all()]
-        if bad:
-            raise CheckpointError(f"refusing to write a non-finite adapter to {path} ({bad[0]} and {len(bad) - 1} "
-                                  "more); resume from the last checkpoint")
+        _refuse_nonfinite(params, path)
         unwrapped.save_pretrained(path, state_dict=params)
     accelerator.wait_for_everyone()

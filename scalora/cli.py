@@ -14,9 +14,13 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.dist.launch_config and "ACCELERATE_LAUNCH" not in os.environ and "LOCAL_RANK" not in os.environ:
         return _relaunch(args, cfg)
-    from .train import train
+    from .train import NonFiniteLoss, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -132,11 +136,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "NonFiniteLoss":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 3
 
 
 if __name__ == "__main__":

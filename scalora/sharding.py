@@ -85,7 +85,7 @@ def scatter_params(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             p.data.copy_(full.to(p.device, p.dtype))
             safe_set_full_fp32_param(p, full.to(p.device, torch.float32))
         else:
-            _scatter_into(p.data if not _is_dtensor(p) else p, full)
+            _scatter_into(p, full)
 
 
 def _base_optimizer(optimizer):
