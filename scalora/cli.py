@@ -10,7 +10,15 @@ from typing import Optional
 from .config import ConfigError, help_text, load_config
 
 
+def _split_config(args: argparse.Namespace) -> None:
+    """`scalora train a.b=c` (no config file, overrides only): the first override is not a config path."""
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        args.overrides = [args.config] + list(args.overrides)
+        args.config = None
+
+
 def _train(args: argparse.Namespace) -> int:
+    _split_config(args)
     cfg = load_config(args.config, args.overrides)
     if cfg.dist.launch_config and "ACCELERATE_LAUNCH" not in os.environ and "LOCAL_RANK" not in os.environ:
         return _relaunch(args, cfg)
@@ -37,6 +45,15 @@ def _relaunch(args: argparse.Namespace, cfg) -> int:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on a CPU-only machine
     return subprocess.call(cmd, env=env)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from . import plan
+
+    _split_config(args)
+    if args.gpus < 1 or args.nodes < 1:
+        raise ValueError("--gpus and --nodes must be at least 1")
+    return plan.main(args)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -116,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights (default float32)")
     m.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
     m.set_defaults(func=_merge)
+
+    pl = sub.add_parser("plan", help="predict the per-device memory of a run, by strategy, before running it",
+                        description="Predict a run's memory per device from the model's config.json alone (no "
+                                    "weights): base weights and quantization constants, LoRA weights, gradients, "
+                                    "optimizer state, activations, overhead; one row per strategy (single, DDP, "
+                                    "ZeRO-2/3, FSDP, CPU offload), and which ones fit.")
+    pl.add_argument("config", nargs="?", help="run config YAML (default: the embedded default)")
+    pl.add_argument("overrides", nargs="*", help="section.key=value, as for train")
+    pl.add_argument("--gpus", type=int, default=1, help="devices per node (default 1)")
+    pl.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    pl.add_argument("--gpu-memory", default="24GiB", help="memory per device, e.g. 24GiB, 80GB (default 24GiB)")
+    pl.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                    help="plan for GPUs (bf16, default) or for this CPU (fp32, runtime measured here)")
+    pl.add_argument("--json", help="also write the table as JSON to this file")
+    pl.set_defaults(func=_plan)
 
     g = sub.add_parser("generate", help="generate text with base + adapter")
     g.add_argument("adapter", help="adapter folder")

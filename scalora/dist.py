@@ -60,11 +60,31 @@ def make_accelerator(global_batch: int, micro_batch: int, mixed_precision: str, 
 
 
 def peak_memory_bytes() -> int:
+    """Peak memory of this process since it started or since the last `reset_peak_memory` (GPU: allocated by torch;
+    CPU: resident set, Linux)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def reset_peak_memory() -> int:
+    """Start a new peak (training's, after the model has loaded); returns the peak until now."""
+    before = peak_memory_bytes()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the resident-set high-water mark (Linux >= 4.0)
+        except OSError:
+            pass
+    return before
 
 
 def topology(accelerator) -> str:

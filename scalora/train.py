@@ -216,6 +216,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     dist.fill_deepspeed_config(accelerator, micro, cfg.train.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
+    load_peak = dist.reset_peak_memory()  # from here on, the peak is training's (what `scalora plan` predicts)
     config_yaml = os.path.join(out, "config.yaml")
     if main:
         if clear_old:
@@ -340,6 +341,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                "topology": dist.topology(accelerator), "optimizer_state_elements_per_rank": opt_elements,
                "trainable_params": trainable, "skipped_steps": skipped,
                "peak_memory_gb": round(dist.peak_memory_bytes() / 2**30, 3),
+               "peak_memory_gb_per_rank": [round(float(b) / 2**30, 3) for b in accelerator.gather(
+                   torch.tensor([float(dist.peak_memory_bytes())], device=accelerator.device)).tolist()],
+               "process_peak_memory_gb": round(max(load_peak, dist.peak_memory_bytes()) / 2**30, 3),
                "first_eval": first_eval, "final_eval": last_eval, "adapter": os.path.join(out, "final")}
     if main:
         import json

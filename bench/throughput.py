@@ -1,0 +1,431 @@
+"""Training throughput and memory: scalora against a plain peft loop and the transformers Trainer, side by side.
+
+    .venv/bin/python bench/throughput.py                       # ~4M / ~30M / ~120M Llama, about 15 min on 2 cores
+    .venv/bin/python bench/throughput.py --sizes 4m --repeats 1   # a quick look
+
+Every measurement runs in its own process (fresh peak memory), and the three stacks are interleaved within each
+repeat (order rotated) so that machine noise hits all of them. Same model (Llama built here, saved with
+save_pretrained, loaded 4-bit NF4 through from_pretrained), same LoRA (r=16, alpha 32, dropout 0.05, all linear
+layers), same tokenized examples, same global and micro batch, same optimizer (torch AdamW), gradient checkpointing
+on, same thread count. The data set has variable lengths (log-normal, median ~90 tokens, long tail, cut at
+max_length): the baselines pad each micro-batch to its longest example, as DataCollatorForSeq2Seq does; scalora runs
+once the same way (`pad`) and once packed (`pack`, its data.packing). Reported: useful (non-padding) tokens per
+second after a warm-up step, the training peak (resident memory after the model has loaded; CUDA max allocated on a
+GPU), the step's matmul FLOPs over the machine's measured matmul peak, and a profile summary of one scalora step.
+Results go to bench/results/throughput.json and a table on stdout; BENCHMARKS.md summarizes a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = {  # Llama shapes; vocabulary of the builtin tokenizer (~220 words), untied head
+    "4m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2),
+    "30m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=10, num_attention_heads=8,
+                num_key_value_heads=4),
+    "120m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=19, num_attention_heads=12,
+                 num_key_value_heads=4),
+}
+RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger the model, the fewer tokens
+    "4m": (16, 4, 512, 4),
+    "30m": (16, 4, 512, 3),
+    "120m": (8, 4, 256, 2),
+}
+LORA = dict(r=16, alpha=32, dropout=0.05)
+LR = 2e-4
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SCALORA_CACHE", Path.home() / ".cache" / "scalora")) / "bench"
+
+
+def build_model(size: str) -> str:
+    """A randomly initialized Llama of the given size, saved once with save_pretrained (no download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scalora.builtin import build_tokenizer
+
+    path = cache_dir() / f"llama-{size}"
+    if (path / "config.json").is_file():
+        return str(path)
+    tok = build_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **SIZES[size])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    tmp = path.with_name(path.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    return str(path)
+
+
+def build_data(n: int = 800, seed: int = 0) -> str:
+    """Instruction records with log-normal lengths (median ~90 tokens, 10% above ~250), from the builtin vocabulary."""
+    from scalora.builtin import _TOPIC_WORDS, _sentence
+
+    path = cache_dir() / f"varlen-{n}-{seed}.jsonl"
+    if path.is_file():
+        return str(path)
+    rng = random.Random(seed)
+    topics = sorted(_TOPIC_WORDS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for _ in range(n):
+            words = int(min(900, math.exp(rng.gauss(math.log(70), 0.8))))
+            text, topic = "", rng.choice(topics)
+            while len(text.split()) < words:
+                text += _sentence(rng, topic) + " "
+            answer = " ".join(_sentence(rng, topic) for _ in range(rng.randint(1, 4)))
+            f.write(json.dumps({"instruction": "Continue the text on the same topic.", "input": text.strip(),
+                                "output": answer}) + "\n")
+    return str(path)
+
+
+# --- workers: one measurement per process ---------------------------------------------------------------------
+def _peak() -> float:
+    from scalora.dist import peak_memory_bytes
+
+    return peak_memory_bytes() / 2**30
+
+
+def _reset_peak() -> None:
+    from scalora.dist import reset_peak_memory
+
+    reset_peak_memory()
+
+
+def _run_config(a):
+    from scalora.config import load_config
+
+    G, micro, length, steps = RUN[a.size]
+    return load_config(None, [
+        f"model.name_or_path={a.model}", f"data.train_file={a.data}", "data.validation_fraction=0",
+        f"data.max_length={length}", f"data.packing={'true' if a.stack == 'scalora-pack' else 'false'}",
+        f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
+        f"train.global_batch_size={G}", f"train.micro_batch_size={micro}", f"train.max_steps={steps + 1}",
+        f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
+        "train.eval_every=0", "train.save_every=0", "data.max_eval_generate=0", "log.report_to=none",
+        f"train.output_dir={a.out}", "train.overwrite=true", "train.max_grad_norm=1.0"])
+
+
+def _examples(cfg, tokenizer):
+    from scalora.data import build_datasets
+
+    return build_datasets(cfg.data, tokenizer, cfg.train.seed).train
+
+
+def worker_scalora(a) -> dict:
+    from scalora.train import train
+
+    train(_run_config(a))
+    rows = [json.loads(line) for line in open(os.path.join(a.out, "metrics.jsonl"))]
+    rows = [r for r in rows if "train/tokens" in r]
+    tokens = [b["train/tokens"] - p["train/tokens"] for p, b in zip(rows, rows[1:])]  # drop step 1: warm-up
+    seconds = [t / r["train/tokens_per_s"] for t, r in zip(tokens, rows[1:])]
+    summary = json.load(open(os.path.join(a.out, "summary.json")))
+    return {"tokens": sum(tokens), "seconds": sum(seconds), "peak_gb": summary["peak_memory_gb"]}
+
+
+def _hf_setup(a):
+    """The base and LoRA as peft users set them up: BitsAndBytesConfig, prepare_model_for_kbit_training,
+    get_peft_model."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    cfg = _run_config(a)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    tok = AutoTokenizer.from_pretrained(a.model)
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": device})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(cfg.train.seed)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    return cfg, tok, model, device
+
+
+def _pad(rows, pad_id, device):
+    import torch
+
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def worker_peft(a) -> dict:
+    """A plain peft training loop: padded micro-batches, loss / accumulation, clip, AdamW."""
+    import torch
+
+    cfg, tok, model, device = _hf_setup(a)
+    examples = _examples(cfg, tok)
+    G, micro, _, steps = RUN[a.size]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    model.train()
+    _reset_peak()
+    tokens = seconds = 0.0
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        batch_rows = [examples[i] for i in order[step * G:(step + 1) * G]]
+        for i in range(0, G, micro):
+            rows = batch_rows[i:i + micro]
+            out = model(**_pad(rows, tok.pad_token_id, device))
+            (out.loss / (G // micro)).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if step > 0:
+            tokens += sum(len(r["input_ids"]) for r in batch_rows)
+            seconds += time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": seconds, "peak_gb": _peak()}
+
+
+def worker_trainer(a) -> dict:
+    """transformers' Trainer as most users run it: DataCollatorForSeq2Seq padding, gradient accumulation."""
+    import torch
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    cfg, tok, model, device = _hf_setup(a)
+    examples = _examples(cfg, tok)
+    G, micro, _, steps = RUN[a.size]
+    counted: list[int] = []
+    base_collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+
+    def collate(features):
+        counted.append(sum(len(f["input_ids"]) for f in features))
+        return base_collate(features)
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.tokens = self.seconds = 0.0
+            self.t0 = self.seen = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0, self.seen = time.perf_counter(), len(counted)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:  # warm-up
+                _reset_peak()
+                return
+            self.seconds += time.perf_counter() - self.t0
+            self.tokens += sum(counted[self.seen - 1:])  # the step's micro-batches (the first was fetched before)
+
+    clock = Clock()
+    args = TrainingArguments(output_dir=a.out, per_device_train_batch_size=micro, gradient_accumulation_steps=G // micro,
+                             max_steps=steps + 1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+                             logging_steps=1, save_strategy="no", report_to=[], gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=device == "cpu",
+                             dataloader_num_workers=0, optim="adamw_torch", max_grad_norm=1.0,
+                             remove_unused_columns=False, seed=cfg.train.seed, disable_tqdm=True)
+    ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"],
+                             "attention_mask": [1] * len(e["input_ids"])} for e in examples])
+    Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[clock]).train()
+    return {"tokens": clock.tokens, "seconds": clock.seconds, "peak_gb": _peak()}
+
+
+def worker(a) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(a.threads)
+    fn = {"scalora-pad": worker_scalora, "scalora-pack": worker_scalora, "peft": worker_peft,
+          "trainer": worker_trainer}[a.stack]
+    result = fn(a)
+    result["tokens_per_s"] = result["tokens"] / max(1e-9, result["seconds"])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- FLOPs, the machine's matmul peak, a profile ------------------------------------------------------------------
+def step_flops_per_token(size: str, seq: float) -> float:
+    """Matmul FLOPs per trained token: frozen base forward + recompute (checkpointing) + input-gradient, LoRA forward
+    + recompute + input and weight gradients, attention scores and values (causal: half), the head (no recompute)."""
+    s = SIZES[size]
+    h, inter, L = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    linears = [(h, h), (h, kv), (h, kv), (h, h), (h, inter), (h, inter), (inter, h)]
+    r = LORA["r"]
+    base = sum(i * o for i, o in linears)
+    lora = sum(r * (i + o) for i, o in linears)
+    attn = 2 * 2 * seq / 2 * h  # QK^T and AV per token, causal half
+    per_layer = 3 * 2 * base + 4 * 2 * lora + 3 * attn
+    from scalora.builtin import build_tokenizer
+
+    vocab = len(build_tokenizer())
+    return L * per_layer + 2 * 2 * h * vocab
+
+
+def matmul_peak(threads: int, seconds: float = 3.0) -> float:
+    """FLOP/s of the best fp32 (CPU) or bf16 (GPU) square matmul this process reaches, measured now."""
+    import torch
+
+    torch.set_num_threads(threads)
+    gpu = torch.cuda.is_available()
+    dtype, dev = (torch.bfloat16, "cuda") if gpu else (torch.float32, "cpu")
+    best = 0.0
+    for n in (1024, 2048) if not gpu else (4096, 8192):
+        x, y = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+        x @ y
+        t0, k = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds / 2:
+            x @ y
+            k += 1
+        if gpu:
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - t0))
+    return best
+
+
+def profile_step(model_path: str, data: str, size: str, threads: int) -> list[tuple[str, float]]:
+    """Share of one scalora training step's CPU time by kind of operator (torch.profiler, self time)."""
+    import torch
+
+    from scalora.data import collate
+    from scalora.model import build_model
+    from scalora.train import token_loss_sum
+
+    torch.set_num_threads(threads)
+    a = argparse.Namespace(model=model_path, data=data, size=size, stack="scalora-pack", out="/tmp/scalora-profile")
+    cfg = _run_config(a)
+    model, tok, _ = build_model(cfg)
+    examples = _examples(cfg, tok)
+    batch = collate(examples[:RUN[size][1]], tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    for i in range(2):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if i else _Null() as prof:
+            token_loss_sum(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+    kinds = {"matmul (base + LoRA + head)": ("mm", "addmm", "bmm", "linear", "matmul"),
+             "4-bit dequantize": ("dequantize", "bitsandbytes"),
+             "attention (SDPA)": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+             "optimizer": ("adam", "_foreach", "lerp", "addcdiv", "sqrt"),
+             "loss (log-softmax, cross-entropy)": ("log_softmax", "nll_loss", "cross_entropy")}
+    totals: dict[str, float] = {k: 0.0 for k in kinds}
+    totals["other (elementwise, norms, copies, autograd)"] = 0.0
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        kind = next((k for k, keys in kinds.items() if any(s in name for s in keys)), None)
+        totals[kind or "other (elementwise, norms, copies, autograd)"] += ev.self_cpu_time_total
+    total = sum(totals.values()) or 1.0
+    return sorted(((k, v / total) for k, v in totals.items()), key=lambda kv: -kv[1])
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- the driver -------------------------------------------------------------------------------------------------
+def measure(stack: str, size: str, model: str, data: str, threads: int) -> dict:
+    out = f"/tmp/scalora-bench-{stack}-{size}"
+    cmd = [sys.executable, __file__, "--worker", stack, "--size", size, "--model", model, "--data", data,
+           "--out", out, "--threads", str(threads)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode or not line:
+        raise RuntimeError(f"{stack} {size} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return json.loads(line[-1][7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="4m,30m,120m")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out-json", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--worker"), ap.add_argument("--size"), ap.add_argument("--model"), ap.add_argument("--data")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    if a.worker:
+        a.stack = a.worker
+        return worker(a)
+
+    import torch
+
+    stacks = ["scalora-pad", "scalora-pack", "peft", "trainer"]
+    data = build_data()
+    peak = matmul_peak(a.threads)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {a.threads} threads, fp32"
+    print(f"device: {device} | measured matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    results: dict = {"device": device, "matmul_peak_flops": peak, "threads": a.threads, "runs": {}}
+    for size in a.sizes.split(","):
+        model = build_model(size)
+        runs: dict[str, list[dict]] = {s: [] for s in stacks}
+        for rep in range(a.repeats):
+            order = stacks[rep % len(stacks):] + stacks[:rep % len(stacks)]  # rotate who goes first
+            for stack in order:
+                r = measure(stack, size, model, data, a.threads)
+                runs[stack].append(r)
+                print(f"  {size} repeat {rep + 1} {stack:<13} {r['tokens_per_s']:9.1f} useful tokens/s  peak "
+                      f"{r['peak_gb']:.3f} GiB", flush=True)
+        results["runs"][size] = runs
+    results["summary"] = summarize(results)
+    if not a.no_profile:
+        size = a.sizes.split(",")[0]
+        results["profile"] = {"size": size, "shares": profile_step(build_model(size), data, size, a.threads)}
+        print(f"\nprofile of one scalora step ({size}, packed micro-batch), share of CPU time:")
+        for k, v in results["profile"]["shares"]:
+            print(f"  {k:<46} {v:6.1%}")
+    os.makedirs(os.path.dirname(a.out_json), exist_ok=True)
+    with open(a.out_json, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwritten: {a.out_json}")
+
+
+def summarize(results: dict) -> dict:
+    """Median tokens/s and peak per stack, ratios scalora / baseline, MFU; printed as a table."""
+    import statistics
+
+    peak = results["matmul_peak_flops"]
+    out = {}
+    print("\nsize  | stack         | useful tok/s | peak GiB | MFU    | pad tok/s vs peft | vs Trainer | peak vs peft")
+    for size, runs in results["runs"].items():
+        med = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
+        mem = {s: statistics.median(r["peak_gb"] for r in rs) for s, rs in runs.items()}
+        seq = RUN[size][2] / 2  # attention FLOPs at a typical length; a small term at these sizes
+        row = {}
+        for s in runs:
+            mfu = med[s] * step_flops_per_token(size, seq) / peak
+            row[s] = {"tokens_per_s": med[s], "peak_gb": mem[s], "mfu": mfu,
+                      "vs_peft": med[s] / med["peft"], "vs_trainer": med[s] / med["trainer"],
+                      "peak_vs_peft": mem[s] / mem["peft"], "peak_vs_trainer": mem[s] / mem["trainer"]}
+            print(f"{size:<5} | {s:<13} | {med[s]:12.1f} | {mem[s]:8.3f} | {mfu:6.1%} | {row[s]['vs_peft']:17.2f} | "
+                  f"{row[s]['vs_trainer']:10.2f} | {row[s]['peak_vs_peft']:.2f}")
+        out[size] = row
+    return out
+
+
+if __name__ == "__main__":
+    main()
