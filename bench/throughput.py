@@ -223,19 +223,22 @@ def worker_trainer(a) -> dict:
         return base_collate(features)
 
     class Clock(TrainerCallback):
+        """Step k = from the end of step k-1 to its own end; its tokens = those collated in between (the Trainer
+        fetches a step's micro-batches at its start)."""
+
         def __init__(self):
             self.tokens = self.seconds = 0.0
-            self.t0 = self.seen = 0
+            self.t_end, self.seen = None, 0
 
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0, self.seen = time.perf_counter(), len(counted)
+        def on_train_begin(self, args, state, control, **kw):
+            _reset_peak()  # as for the others: the peak of training, after the model and optimizer are set up
 
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 1:  # warm-up
-                _reset_peak()
-                return
-            self.seconds += time.perf_counter() - self.t0
-            self.tokens += sum(counted[self.seen - 1:])  # the step's micro-batches (the first was fetched before)
+            now = time.perf_counter()
+            if self.t_end is not None:  # step 1 is the warm-up
+                self.seconds += now - self.t_end
+                self.tokens += sum(counted[self.seen:])
+            self.t_end, self.seen = now, len(counted)
 
     clock = Clock()
     args = TrainingArguments(output_dir=a.out, per_device_train_batch_size=micro, gradient_accumulation_steps=G // micro,

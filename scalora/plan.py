@@ -241,8 +241,9 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
 
 
 def logits_bytes_per_token(s: Shape, st: Settings) -> float:
-    """Head output (compute dtype), its fp32 copy for the loss, log-softmax, and their gradients at the peak."""
-    return s.vocab * (st.compute_bytes + 4 + 4 + 4)
+    """At the loss's backward: the log-softmax (fp32, saved), its gradient and the logits' fp32 gradient, plus the
+    head's own output and gradient in the compute dtype when that is not fp32 (the loss upcasts a copy)."""
+    return s.vocab * (12 + (2 * st.compute_bytes if st.compute_bytes != 4 else 0))
 
 
 def activation_bytes(s: Shape, st: Settings, gradient_checkpointing: Optional[bool] = None) -> float:
@@ -338,7 +339,9 @@ def parse_size(text: str) -> float:
 
 def render(shape: Shape, st: Settings, rows: list[Estimate], gpu_memory: float, devices: int, nodes: int) -> str:
     g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
-    lines = [f"model: {shape.name} ({shape.model_type}, {shape.total_params / 1e9:.2f} B parameters, "
+    n = shape.total_params
+    count = f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+    lines = [f"model: {shape.name} ({shape.model_type}, {count} parameters, "
              f"{shape.n_layers} layers, hidden {shape.hidden})",
              f"base: {st.bits}-bit{' NF4 + double quant' if st.bits == 4 and st.double_quant else ''} | LoRA r="
              f"{shape.lora_r} on {shape.lora_layers} layers: {shape.lora_params / 1e6:,.1f} M trainable | "
@@ -363,7 +366,7 @@ def render(shape: Shape, st: Settings, rows: list[Estimate], gpu_memory: float, 
     else:
         lines.append("nothing fits: lower train.micro_batch_size or data.max_length, turn on gradient checkpointing, "
                      "or add devices")
-    if paged:
+    if any(e.fits(gpu_memory, paged) == "paged" for e in rows):
         lines.append("paged: fits only with the paged optimizer's state evicted to host memory (slower steps)")
     return "\n".join(lines)
 
