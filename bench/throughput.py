@@ -176,6 +176,14 @@ def _pad(rows, pad_id, device):
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+def _order(step: int, n: int, G: int, seed: int) -> list[int]:
+    """The examples of optimizer step `step`: the same batches as scalora's loop draws, so that every stack pads
+    (and computes) the same micro-batches."""
+    from scalora.train import global_batch
+
+    return global_batch(step, n, G, seed)
+
+
 def worker_peft(a) -> dict:
     """A plain peft training loop: padded micro-batches, loss / accumulation, clip, AdamW."""
     import torch
@@ -184,13 +192,12 @@ def worker_peft(a) -> dict:
     examples = _examples(cfg, tok)
     G, micro, _, steps = RUN[a.size]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
     model.train()
     _reset_peak()
     tokens = seconds = 0.0
     for step in range(steps + 1):
         t0 = time.perf_counter()
-        batch_rows = [examples[i] for i in order[step * G:(step + 1) * G]]
+        batch_rows = [examples[i] for i in _order(step, len(examples), G, cfg.train.seed)]
         for i in range(0, G, micro):
             rows = batch_rows[i:i + micro]
             out = model(**_pad(rows, tok.pad_token_id, device))
@@ -215,20 +222,16 @@ def worker_trainer(a) -> dict:
     cfg, tok, model, device = _hf_setup(a)
     examples = _examples(cfg, tok)
     G, micro, _, steps = RUN[a.size]
-    counted: list[int] = []
-    base_collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-
-    def collate(features):
-        counted.append(sum(len(f["input_ids"]) for f in features))
-        return base_collate(features)
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    step_tokens = [sum(len(examples[i]["input_ids"]) for i in _order(k, len(examples), G, cfg.train.seed))
+                   for k in range(steps + 1)]
 
     class Clock(TrainerCallback):
-        """Step k = from the end of step k-1 to its own end; its tokens = those collated in between (the Trainer
-        fetches a step's micro-batches at its start)."""
+        """Step k lasts from the end of step k-1 to its own end; its tokens are known from the fixed order."""
 
         def __init__(self):
             self.tokens = self.seconds = 0.0
-            self.t_end, self.seen = None, 0
+            self.t_end = None
 
         def on_train_begin(self, args, state, control, **kw):
             _reset_peak()  # as for the others: the peak of training, after the model and optimizer are set up
@@ -237,8 +240,8 @@ def worker_trainer(a) -> dict:
             now = time.perf_counter()
             if self.t_end is not None:  # step 1 is the warm-up
                 self.seconds += now - self.t_end
-                self.tokens += sum(counted[self.seen:])
-            self.t_end, self.seen = now, len(counted)
+                self.tokens += step_tokens[state.global_step - 1]
+            self.t_end = now
 
     clock = Clock()
     args = TrainingArguments(output_dir=a.out, per_device_train_batch_size=micro, gradient_accumulation_steps=G // micro,
@@ -247,9 +250,15 @@ def worker_trainer(a) -> dict:
                              gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=device == "cpu",
                              dataloader_num_workers=0, optim="adamw_torch", max_grad_norm=1.0,
                              remove_unused_columns=False, seed=cfg.train.seed, disable_tqdm=True)
+    ordered = [examples[i] for step in range(steps + 1) for i in _order(step, len(examples), G, cfg.train.seed)]
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"],
-                             "attention_mask": [1] * len(e["input_ids"])} for e in examples])
-    Trainer(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[clock]).train()
+                             "attention_mask": [1] * len(e["input_ids"])} for e in ordered])
+
+    class InOrder(Trainer):  # scalora's batches, in scalora's order
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)  # noqa: ARG002
+
+    InOrder(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[clock]).train()
     return {"tokens": clock.tokens, "seconds": clock.seconds, "peak_gb": _peak()}
 
 
@@ -282,6 +291,9 @@ def step_flops_per_token(size: str, seq: float) -> float:
 
     vocab = len(build_tokenizer())
     return L * per_layer + 2 * 2 * h * vocab
+
+
+SPEC_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peaks, FLOP/s
 
 
 def matmul_peak(threads: int, seconds: float = 3.0) -> float:
@@ -349,11 +361,15 @@ class _Null:
 
 
 # --- the driver -------------------------------------------------------------------------------------------------
-def measure(stack: str, size: str, model: str, data: str, threads: int) -> dict:
+def measure(stack: str, size: str, model: str, data: str, threads: int, live: bool = False) -> dict:
+    """One measurement in a fresh process. live: glibc returns every freed block above 64 KiB at once, so that the
+    resident peak is the live peak (what CUDA's max_memory_allocated is on a GPU); steps are slower then."""
     out = f"/tmp/scalora-bench-{stack}-{size}"
     cmd = [sys.executable, __file__, "--worker", stack, "--size", size, "--model", model, "--data", data,
            "--out", out, "--threads", str(threads)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    if live:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode or not line:
@@ -368,6 +384,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out-json", default=str(ROOT / "bench" / "results" / "throughput.json"))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--live-memory", default="4m,30m",
+                    help="sizes whose live peak (glibc caching off) is also measured, once per stack ('' for none)")
     ap.add_argument("--worker"), ap.add_argument("--size"), ap.add_argument("--model"), ap.add_argument("--data")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -381,7 +399,10 @@ def main() -> None:
     data = build_data()
     peak = matmul_peak(a.threads)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {a.threads} threads, fp32"
-    print(f"device: {device} | measured matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+    spec = next((v for k, v in SPEC_BF16.items() if k in device), None)
+    print(f"device: {device} | measured matmul peak {peak / 1e9:.1f} GFLOP/s"
+          + (f" | spec bf16 peak {spec / 1e12:.0f} TFLOP/s (MFU below is against the measured peak)" if spec else ""),
+          flush=True)
     results: dict = {"device": device, "matmul_peak_flops": peak, "threads": a.threads, "runs": {}}
     for size in a.sizes.split(","):
         model = build_model(size)
@@ -395,6 +416,15 @@ def main() -> None:
                       f"{r['peak_gb']:.3f} GiB", flush=True)
         results["runs"][size] = runs
     results["summary"] = summarize(results)
+    live_sizes = [x for x in a.live_memory.split(",") if x and x in results["runs"]]
+    if live_sizes:
+        print("\nlive peak (resident peak with glibc's caching off), GiB; ratio to peft:")
+        results["live_peak_gb"] = {}
+        for size in live_sizes:
+            row = {st: measure(st, size, build_model(size), data, a.threads, live=True)["peak_gb"] for st in stacks}
+            results["live_peak_gb"][size] = row
+            print(f"  {size:<5} " + "  ".join(f"{st} {v:.3f} ({v / row['peft']:.2f})" for st, v in row.items()),
+                  flush=True)
     if not a.no_profile:
         size = a.sizes.split(",")[0]
         results["profile"] = {"size": size, "shares": profile_step(build_model(size), data, size, a.threads)}

@@ -57,7 +57,8 @@ def test_packing_gives_the_same_per_token_loss(tok):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, vocab_size=len(tok))).eval()
+                                         num_attention_heads=4, vocab_size=len(tok),
+                                         initializer_range=0.2)).eval()  # sharp attention: masks show
     cfg = DataConfig()
     recs = [{"instruction": "Which topic ?", "input": " ".join(["the band played"] * k), "output": "music"}
             for k in (1, 3, 2, 5)]

@@ -137,6 +137,9 @@ def test_prediction_within_15_percent_of_measured_peak(env, runtime, measured, s
     st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy])
     predicted = P.estimate(shape, st, strategy, 1 if strategy == "single" else 2).total
     measured[(strategy, gc)] = (peak, predicted)
+    print(f"\nplan {strategy} gc={gc} micro {micro} x {length}: measured {peak / 2**30:.3f} GiB per rank "
+          f"(max of {summary['peak_memory_gb_per_rank']}), predicted {predicted / 2**30:.3f}, "
+          f"ratio {predicted / peak:.3f}")
     assert abs(predicted - peak) / peak < 0.15, (strategy, predicted / 2**30, peak / 2**30)
 
 
@@ -145,6 +148,7 @@ def test_checkpointing_saving_is_predicted(measured):
     if ("single", True) not in measured or ("single", False) not in measured:
         pytest.fail("the single-process runs above did not complete")
     (on, p_on), (off, p_off) = measured[("single", True)], measured[("single", False)]
+    print(f"\ncheckpointing saves: measured {(off - on) / 2**20:.0f} MiB, predicted {(p_off - p_on) / 2**20:.0f} MiB")
     assert off - on > 50 * 2**20  # the runs are long enough for activations to show
     assert abs((p_off - p_on) - (off - on)) / (off - on) < 0.25, ((p_off - p_on) / 2**20, (off - on) / 2**20)
 
