@@ -339,15 +339,16 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     opt_elements = accelerator.gather(torch.tensor([sharding.local_optimizer_state_elements(optimizer)],
                                                    device=accelerator.device)).tolist()
     elapsed = time.time() - t0
+    peak = dist.peak_memory_bytes()
     summary = {"steps": total, "resumed_from_step": start, "train_tokens": tokens_seen,
                "train_seconds": round(elapsed, 2), "total_seconds": round(time.time() - t_start, 2),
                "tokens_per_s": round(tokens_seen / max(1e-9, elapsed), 1), "processes": world,
                "topology": dist.topology(accelerator), "optimizer_state_elements_per_rank": opt_elements,
                "trainable_params": trainable, "skipped_steps": skipped,
-               "peak_memory_gb": round(dist.peak_memory_bytes() / 2**30, 3),
+               "peak_memory_gb": round(peak / 2**30, 3),
                "peak_memory_gb_per_rank": [round(float(b) / 2**30, 3) for b in accelerator.gather(
-                   torch.tensor([float(dist.peak_memory_bytes())], device=accelerator.device)).tolist()],
-               "process_peak_memory_gb": round(max(load_peak, dist.peak_memory_bytes()) / 2**30, 3),
+                   torch.tensor([float(peak)], device=accelerator.device)).tolist()],
+               "process_peak_memory_gb": round(max(load_peak, peak) / 2**30, 3),
                "first_eval": first_eval, "final_eval": last_eval, "adapter": os.path.join(out, "final")}
     if main:
         import json
