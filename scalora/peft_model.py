@@ -30,6 +30,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.active_adapter: str = adapter_name
+        quant.keep_4bit_weights_plain(model)  # before any eval forward can repack a 4-bit weight (see quant.py)
         self.inject_adapter(config, adapter_name)
 
     def __getattr__(self, name: str) -> Any:

@@ -39,6 +39,41 @@ def is_conv1d(layer: nn.Module) -> bool:
     return Conv1D is not None and isinstance(layer, Conv1D)
 
 
+def keep_4bit_weights_plain(model: nn.Module) -> int:
+    """Turn off bitsandbytes' packed CPU inference format on every 4-bit layer of `model`; returns how many.
+
+    bitsandbytes (0.49-0.50 at least) gives `Linear4bit` a flag, `support_avx512bf16_for_cpu`, set at construction
+    from the CPU. Where it is true, a forward in eval mode on an input that needs no gradient repacks the weight in
+    place for a CPU gemv kernel and keeps it that way. That crashes for in-features that do not fit the kernel's
+    blocks and, where they fit, later training forwards run the packed kernel: different outputs and no gradient to
+    the layer's input, so every LoRA layer below it stops learning, silently. A validation pass in the middle of a
+    run is such a forward. So scalora clears the flag on every 4-bit layer it sees (wrapped or not), and undoes a
+    packing that already happened. tests/test_cpu_paths.py checks the flag still exists and still gates packing.
+    """
+    if bnb is None:
+        return 0
+    n, repacked = 0, []
+    for name, module in model.named_modules():
+        if not is_4bit(module):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        w = module.weight
+        if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+            module.quant_state = w.quant_state
+            repacked.append(name or type(module).__name__)
+        n += 1
+    if repacked:
+        warnings.warn(f"{len(repacked)} 4-bit layer(s) (e.g. {repacked[0]}) had been repacked by bitsandbytes for its "
+                      "CPU inference kernel (an eval-mode forward before LoRA was added); scalora unpacked them, but "
+                      "bitsandbytes rounded their block scales to bfloat16 on the way (measured: up to 0.6% relative "
+                      "error per weight). For the exact base, load the model again and add LoRA before any forward.",
+                      UserWarning, stacklevel=3)
+    return n
+
+
 def is_wrappable(layer: nn.Module) -> bool:
     """Whether LoRA can wrap this layer (bitsandbytes' layers subclass `nn.Linear`)."""
     return isinstance(layer, nn.Linear) or is_conv1d(layer)
