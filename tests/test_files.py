@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import scalora
+from scalora import quant
 from conftest import load_quantized, randomize_lora, tiny_model, tokens
 
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.05)
@@ -54,6 +55,7 @@ def test_quantized_adapter_round_trip_with_peft(tmp_path, saved_tiny_models):
     randomize_lora(ours)
     ours.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(load_quantized(path, 4), tmp_path)
+    quant.keep_4bit_weights_plain(theirs)  # bitsandbytes' plain path, as scalora's (tests/test_cpu_paths.py)
     torch.testing.assert_close(_logits(theirs), _logits(ours), rtol=0, atol=1e-5)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import scalora
+from scalora import quant
 from conftest import copy_lora, load_quantized, randomize_lora, tiny_model, tokens
 
 CONFIGS = {
@@ -22,6 +23,9 @@ CONFIGS = {
 def _pair(make_base, cfg):
     ours = scalora.get_peft_model(make_base(), scalora.LoraConfig(**cfg))
     theirs = peft.get_peft_model(make_base(), peft.LoraConfig(**cfg))
+    # The reference runs bitsandbytes' plain 4-bit path, as scalora does: on AVX512-BF16 CPUs bitsandbytes would
+    # otherwise switch peft's model to its packed CPU kernel at the first eval forward (tests/test_cpu_paths.py).
+    quant.keep_4bit_weights_plain(theirs)
     randomize_lora(ours)
     copy_lora(ours, theirs)
     return ours, theirs
