@@ -33,7 +33,8 @@ class ModelConfig:
     revision: Optional[str] = _f(None, "hub revision")
     trust_remote_code: bool = _f(False, "run the model repository's own code (only for repositories you trust)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
-        "auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on other GPUs, fp32 on CPUs")
+        "auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on other GPUs; on CPUs bf16 with AMX for hidden "
+        "size >= 512, else fp32 (measured: scalora/hardware.py)")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
     attn_implementation: Optional[str] = _f(None, "transformers attention kernel (sdpa, eager, flash_attention_2)")
 

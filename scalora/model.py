@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .config import BUILTIN_MODEL, RunConfig
+from .hardware import compute_dtype
 from .lora_config import LoraConfig
 from .peft_model import PeftModel, get_peft_model
-
-
-def compute_dtype(name: str) -> torch.dtype:
-    """'auto': what the hardware runs fast. bf16 on a CPU is ~25x slower than fp32 (no AMX / AVX-512 BF16)."""
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -60,17 +52,32 @@ def load_tokenizer(cfg: RunConfig, path: str):
     return tok
 
 
-def load_base(cfg: RunConfig, path: str, device_map: Any = None):
-    """The frozen base, quantized as configured, in the compute dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_hf_config(cfg: RunConfig, path: str):
+    """The model's transformers config (config.json), with an error that says what to give instead."""
+    from transformers import AutoConfig
 
-    dtype = compute_dtype(cfg.model.dtype)
     try:
-        hf_config = AutoConfig.from_pretrained(path, revision=cfg.model.revision,
-                                               trust_remote_code=cfg.model.trust_remote_code)
+        return AutoConfig.from_pretrained(path, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         hint = " (it is not a local folder; offline, only local folders load)" if not os.path.isdir(path) else ""
         raise ValueError(f"model.name_or_path={path!r} could not be loaded{hint}: {e}") from None
+
+
+def run_compute_dtype(cfg: RunConfig, path: str) -> tuple[torch.dtype, str]:
+    """`model.dtype` resolved for this model on this hardware: (dtype, why)."""
+    hf_config = load_hf_config(cfg, path)
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    return compute_dtype(cfg.model.dtype, getattr(text, "hidden_size", None))
+
+
+def load_base(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional[torch.dtype] = None):
+    """The frozen base, quantized as configured, in the compute dtype (resolved here unless given)."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = load_hf_config(cfg, path)
+    if dtype is None:
+        dtype = run_compute_dtype(cfg, path)[0]
     kwargs: dict[str, Any] = dict(revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
                                   dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     if device_map is not None:
@@ -108,11 +115,12 @@ def lora_config(cfg: RunConfig, base_path: str) -> LoraConfig:
                       else base_path)
 
 
-def build_model(cfg: RunConfig, device_map: Any = None) -> tuple[PeftModel, Any, str]:
+def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dtype] = None
+                ) -> tuple[PeftModel, Any, str]:
     """(LoRA-wrapped model, tokenizer, resolved base path)."""
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg, path)
-    model = load_base(cfg, path, device_map)
+    model = load_base(cfg, path, device_map, dtype)
     prepare_for_training(model, cfg)
     peft_model = get_peft_model(model, lora_config(cfg, path))
     return peft_model, tokenizer, path

@@ -303,11 +303,14 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
 
 
 # --- from a run config ------------------------------------------------------------------------------------------
-def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0) -> Settings:
-    if cfg.model.dtype == "auto":
-        compute = 2 if device == "gpu" else 4
-    else:
-        compute = 4 if cfg.model.dtype == "float32" else 2
+def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
+                         hidden_size: Optional[int] = None) -> Settings:
+    if cfg.model.dtype == "auto" and device == "gpu":
+        compute = 2
+    else:  # a named dtype, or what `auto` resolves to on this machine's CPU for this model
+        from .hardware import compute_dtype
+
+        compute = compute_dtype(cfg.model.dtype, hidden_size)[0].itemsize
     return Settings(bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
                     lora_dropout=cfg.lora.dropout, optimizer=cfg.train.optimizer, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
@@ -375,7 +378,7 @@ def plan(cfg, gpus: int = 1, nodes: int = 1, gpu_memory: float = 24 * GiB, devic
     shape = model_shape(cfg.model.name_or_path, cfg.lora.target_modules, cfg.lora.exclude_modules, cfg.lora.r,
                         cfg.model.trust_remote_code)
     overhead = cpu_runtime_bytes() if device == "cpu" else 0.0
-    st = settings_from_config(cfg, device, overhead)
+    st = settings_from_config(cfg, device, overhead, shape.hidden)
     devices = gpus * nodes
     names = ["single"] if devices == 1 else [s for s in STRATEGIES if s != "single"]
     if devices == 1:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from . import checkpoint, dist, faults, sharding
 from .config import RunConfig
 from .data import IGNORE, Datasets, build_datasets, collate, count_loss_tokens, instruction_prompt
-from .model import build_model, compute_dtype
+from .hardware import cpu_features
+from .model import build_model, resolve_model_path, run_compute_dtype
 from .tracking import Tracker, choose_tracker, plot_losses
 
 
@@ -127,8 +128,10 @@ def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -
     total = torch.zeros((), device=accelerator.device)
     for ids, ref in pairs[accelerator.process_index::accelerator.num_processes]:
         max_new = len(tokenizer(ref, add_special_tokens=False)["input_ids"]) + 2
-        out = net.generate(input_ids=torch.tensor([ids], device=accelerator.device), max_new_tokens=max_new,
-                           do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with accelerator.autocast():  # as in training: the k-bit preparation keeps norms in fp32
+            out = net.generate(input_ids=torch.tensor([ids], device=accelerator.device), max_new_tokens=max_new,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
         hits += tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip() == ref
         total += 1
     net.get_base_model().config.use_cache = use_cache
@@ -187,7 +190,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """Run the configured fine-tune; returns the summary (also written to OUTPUT/summary.json)."""
     threads = dist.configure_threads(cfg.dist.threads_per_process)
     out = cfg.train.output_dir
-    dtype = compute_dtype(cfg.model.dtype)
+    dtype, dtype_why = run_compute_dtype(cfg, resolve_model_path(cfg.model.name_or_path))
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     tracker_name = choose_tracker(cfg)
     os.makedirs(out, exist_ok=True)
@@ -205,7 +208,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     t_start = time.time()
     # transformers refuses a device_map under ZeRO-3, which places the partitions itself.
     device_map = None if dist.topology(accelerator) == "zero3" else {"": accelerator.device}
-    model, tokenizer, base_path = build_model(cfg, device_map=device_map)
+    model, tokenizer, base_path = build_model(cfg, device_map=device_map, dtype=dtype)
     data = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     G, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if len(data.train) < G:
@@ -243,7 +246,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     log.line(f"scalora: {os.path.basename(base_path)} | {cfg.quant.bits}-bit base, LoRA r={cfg.lora.r} | "
              f"{data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples "
              f"({data.format}{', packed' if cfg.data.packing else ''}) | {world} process(es) x {threads} threads | "
-             f"{total} steps of {G} | {'resuming from ' + resume_from if resume_from else 'new run'}")
+             f"{total} steps of {G} | {'resuming from ' + resume_from if resume_from else 'new run'} | "
+             f"compute {str(dtype).removeprefix('torch.')} ({dtype_why})")
     if data.stats["truncated"] or data.stats["dropped"]:
         log.line(f"data: {data.stats['truncated']} examples truncated, {data.stats['dropped']} dropped "
                  f"(data.max_length={cfg.data.max_length}, data.too_long={cfg.data.too_long})")
@@ -345,6 +349,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                "tokens_per_s": round(tokens_seen / max(1e-9, elapsed), 1), "processes": world,
                "topology": dist.topology(accelerator), "optimizer_state_elements_per_rank": opt_elements,
                "trainable_params": trainable, "skipped_steps": skipped,
+               "compute_dtype": str(dtype).removeprefix("torch."), "compute_dtype_reason": dtype_why,
+               "cpu": cpu_features(),
                "peak_memory_gb": round(peak / 2**30, 3),
                "peak_memory_gb_per_rank": [round(float(b) / 2**30, 3) for b in accelerator.gather(
                    torch.tensor([float(peak)], device=accelerator.device)).tolist()],

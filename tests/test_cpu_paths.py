@@ -11,15 +11,17 @@ that bitsandbytes' switch still works the way scalora relies on.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
 
 import scalora
-from scalora import quant
+from scalora import hardware, quant
 
 from conftest import load_quantized, tokens
-from helpers import adapter, run
+from helpers import adapter, losses, run
 
 AVX512_BF16 = bool(has_avx512bf16())
 needs_avx512bf16 = pytest.mark.skipif(
@@ -99,18 +101,69 @@ def test_the_bug_is_real_here_without_scalora(odd_llama):
     assert not y.requires_grad or x.grad is None
 
 
-def test_validating_during_a_run_changes_nothing_it_learns(env):
+COMMON = ["train", "configs/tiny.yaml", "train.max_steps=6", "train.save_every=0", "data.max_eval_generate=4",
+          "train.log_every=1", "log.report_to=none", "train.schedule=constant", "train.warmup_ratio=0"]
+
+
+@pytest.fixture(scope="module")
+def validated_once(env):
+    out = env["root"] / "eval-once"
+    run(env, *COMMON, "train.eval_every=0", f"train.output_dir={out}")
+    return out
+
+
+def test_validating_during_a_run_changes_nothing_it_learns(env, validated_once):
     """(a) The same run validating (loss and exact-match generation) every 2 steps and only at the end: bitwise the
     same adapter on one process. Uses the builtin model, whose intermediate size is 352."""
-    common = ["train", "configs/tiny.yaml", "train.max_steps=6", "train.save_every=0", "data.max_eval_generate=4",
-              "train.log_every=1", "log.report_to=none", "train.schedule=constant", "train.warmup_ratio=0"]
-    often, once = env["root"] / "eval-often", env["root"] / "eval-once"
-    run(env, *common, "train.eval_every=2", f"train.output_dir={often}")
-    run(env, *common, "train.eval_every=0", f"train.output_dir={once}")
-    a, b = adapter(often), adapter(once)
+    often = env["root"] / "eval-often"
+    run(env, *COMMON, "train.eval_every=2", f"train.output_dir={often}")
+    a, b = adapter(often), adapter(validated_once)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_bf16_compute_trains_like_fp32(env, validated_once):
+    """model.dtype=bfloat16 on the CPU (autocast, bf16 base, fp32 adapter): the loss curve stays within 1% of fp32's
+    (measured 0.05-0.4% on bench/dtype.py's models) and summary.json says which dtype ran and why."""
+    out = env["root"] / "bf16"
+    run(env, *COMMON, "train.eval_every=0", "model.dtype=bfloat16", f"train.output_dir={out}")
+    ref, got = losses(validated_once), losses(out)
+    assert list(got) == list(ref) == [1, 2, 3, 4, 5, 6]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=0.01), step
+    assert got != ref  # it did run in another dtype
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compute_dtype"] == "bfloat16" and summary["compute_dtype_reason"] == "model.dtype=bfloat16"
+    fp32 = json.loads((validated_once / "summary.json").read_text())
+    assert fp32["compute_dtype"] == "float32" and fp32["compute_dtype_reason"].startswith("auto: CPU")
+    assert fp32["cpu"]["flags"] == hardware.cpu_features()["flags"]
+
+
+# --- the compute dtype rule ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,hidden,expected", [
+    (["avx2", "avx512f", "avx512_bf16", "amx_bf16"], 4096, torch.bfloat16),
+    (["avx2", "avx512f", "avx512_bf16", "amx_bf16"], 512, torch.bfloat16),
+    (["avx2", "avx512f", "avx512_bf16", "amx_bf16"], 256, torch.float32),  # measured slower in bf16
+    (["avx2", "avx512f", "avx512_bf16", "amx_bf16"], None, torch.float32),
+    (["avx2", "avx512f", "avx512_bf16"], 4096, torch.float32),  # matmul 2.2x only: not measured faster end to end
+    (["avx2"], 4096, torch.float32),  # bf16 ~25x slower
+])
+def test_auto_dtype_on_cpus(monkeypatch, flags, hidden, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_features", lambda: {"model": "test CPU", "flags": flags})
+    dtype, why = hardware.compute_dtype("auto", hidden)
+    assert dtype == expected
+    assert why.startswith("auto: CPU") and ", ".join(flags) in why
+    assert hardware.compute_dtype("float32", hidden) == (torch.float32, "model.dtype=float32")
+
+
+def test_cpu_features_read_this_cpu():
+    """The flags come from /proc/cpuinfo and agree with torch's own detection (cpuinfo)."""
+    feats = hardware.cpu_features()
+    assert set(feats["flags"]) <= set(hardware.FEATURES) and feats["model"]
+    assert set(feats["flags"]) == hardware._torch_flags()
+    assert ("avx512_bf16" in feats["flags"]) == AVX512_BF16  # bitsandbytes sees the same CPU
 
 
 # --- the switch scalora relies on, checked on any CPU ---------------------------------------------------------------

@@ -134,7 +134,7 @@ def test_prediction_within_15_percent_of_measured_peak(env, runtime, measured, s
     peak = max(summary["peak_memory_gb_per_rank"]) * 2**30
     cfg = _cfg(env, *over)
     shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
-    st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy])
+    st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy], shape.hidden)
     predicted = P.estimate(shape, st, strategy, 1 if strategy == "single" else 2).total
     measured[(strategy, gc)] = (peak, predicted)
     print(f"\nplan {strategy} gc={gc} micro {micro} x {length}: measured {peak / 2**30:.3f} GiB per rank "
