@@ -1,19 +1,24 @@
 # Two entry points that work on a fresh machine: `make demo` (the main job) and `make test`.
-# Both create .venv at the repository root. torch is installed first, pinned, so that pip does not pull a
-# several-GB CUDA build on CPU-only machines; override with `make TORCH=torch==X.Y.Z ...` on other hardware.
-VENV  := .venv
-PY    := $(VENV)/bin/python
-TORCH ?= torch==2.13.0
+# Both create .venv at the repository root and install exactly the stack the suite last passed with:
+# torch pinned here (installed first, so that pip does not pull a several-GB CUDA build on CPU-only machines), every
+# other package pinned in constraints.txt. On other hardware pass the torch build you want and drop the pins (an
+# untested stack): `make TORCH=torch==2.5.1 CONSTRAINTS= demo`.
+VENV        := .venv
+PY          := $(VENV)/bin/python
+TORCH       ?= torch==2.13.0
+PIP         ?= pip==26.3
+CONSTRAINTS ?= constraints.txt
+PIN_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test install clean
+.PHONY: demo test install lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(PIP)"
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q $(PIN_FLAGS) -e ".[test]"
 	touch $@
 
 demo: install
@@ -21,6 +26,19 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Refresh the pins: resolve the newest compatible stack in a scratch venv and write constraints.txt from it.
+# The refreshed stack must pass `make test` (from a clean clone) before it is committed.
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q "$(PIP)"
+	.venv-lock/bin/python -m pip install -q "$(TORCH)"
+	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	{ echo "# The stack the test suite passed with (pip -c). Written by \`make lock\`; torch is pinned in the Makefile."; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|scalora)[=@ ]'; } > constraints.txt
+	rm -rf .venv-lock
+	@echo "constraints.txt refreshed: now run 'make clean test' and commit it only if the suite passes"
 
 clean:
 	rm -rf $(VENV) runs
