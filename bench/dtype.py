@@ -49,7 +49,7 @@ def run_one(size: str, dtype: str, model: str, data: str, threads: int) -> dict:
     out = f"/tmp/scalora-dtype-{size}-{dtype}"
     args = [f"model.name_or_path={model}", f"model.dtype={dtype}", "model.gradient_checkpointing=true",
             f"data.train_file={data}", "data.validation_fraction=0", f"data.max_length={length}",
-            "lora.r=16", "lora.alpha=32", "lora.dropout=0.05", f"train.global_batch_size={G}",
+            "lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.05", f"train.global_batch_size={G}",
             f"train.micro_batch_size={micro}", f"train.max_steps={STEPS[size] + 1}", "train.lr=2e-4",
             "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1", "train.eval_every=0",
             "train.save_every=0", "data.max_eval_generate=0", "log.report_to=none", f"train.output_dir={out}",

@@ -26,7 +26,7 @@ def build(kind: str, features: int, device: str, dtype):
     import torch
     from torch import nn
 
-    from scalora.lora import LoraLayer
+    from scalora.core.lora import LoraLayer
 
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05)
     torch.manual_seed(0)

@@ -115,7 +115,7 @@ def _run_config(a):
     return load_config(None, [
         f"model.name_or_path={a.model}", f"data.train_file={a.data}", "data.validation_fraction=0",
         f"data.max_length={length}", f"data.packing={'true' if a.stack == 'scalora-pack' else 'false'}",
-        f"lora.r={LORA['r']}", f"lora.alpha={LORA['alpha']}", f"lora.dropout={LORA['dropout']}",
+        f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['alpha']}", f"lora.lora_dropout={LORA['dropout']}",
         f"train.global_batch_size={G}", f"train.micro_batch_size={micro}", f"train.max_steps={steps + 1}",
         f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
         "train.eval_every=0", "train.save_every=0", "data.max_eval_generate=0", "log.report_to=none",
@@ -323,7 +323,7 @@ def profile_step(model_path: str, data: str, size: str, threads: int) -> list[tu
 
     from scalora.data import collate
     from scalora.model import build_model
-    from scalora.train import token_loss_sum
+    from scalora.loss import token_loss_sum
 
     torch.set_num_threads(threads)
     a = argparse.Namespace(model=model_path, data=data, size=size, stack="scalora-pack", out="/tmp/scalora-profile")

@@ -12,8 +12,8 @@ import os
 import random
 from pathlib import Path
 
-ASSETS = Path(__file__).parent / "assets"
-TOPICS_DIR = ASSETS / "topics"
+from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, TOPICS_DIR
+
 INSTRUCTION = "Which topic is this sentence about? Answer with one word."
 
 _TOPIC_WORDS = {
@@ -89,8 +89,6 @@ def build_tokenizer():
     """A word-level tokenizer whose vocabulary covers the builtin data and the prompt templates."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from .data import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 
     words: set[str] = set()
     pre = pre_tokenizers.Whitespace()

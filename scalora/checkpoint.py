@@ -29,7 +29,8 @@ from typing import Any, Optional
 import torch
 
 from . import faults, sharding
-from .peft_model import PeftModel
+from .config import ConfigError, RunConfig, build_config
+from .core.peft_model import PeftModel
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
@@ -207,7 +208,7 @@ def load(accelerator, model, optimizer, path: str) -> dict[str, Any]:
     """Restore the adapter and its optimizer state (any world size); returns the loop state."""
     from safetensors.torch import load_file
 
-    from .adapter_io import adapter_key_map
+    from .core.adapter_io import adapter_key_map
 
     problem = verify(path)
     if problem:
@@ -224,7 +225,7 @@ def load(accelerator, model, optimizer, path: str) -> dict[str, Any]:
                               "written by a run with another lora or model config")
     params = {n: file_tensors[key_map[n]] for n in names}
     for n, p in sharding.trainable(unwrapped):
-        shape = tuple(getattr(p, "ds_shape", None) or p.shape)
+        shape = sharding.full_shape(p)
         if tuple(params[n].shape) != shape:
             raise CheckpointError(f"checkpoint {path}: {n} has shape {tuple(params[n].shape)}, the model {shape}")
     sharding.scatter_params(unwrapped, params)
@@ -241,3 +242,62 @@ def save_final_adapter(accelerator, model, path: str) -> None:
         _refuse_nonfinite(params, path)
         unwrapped.save_pretrained(path, state_dict=params)
     accelerator.wait_for_everyone()
+
+
+# --- the run folder ---------------------------------------------------------------------------------------------
+# Keys that may change between a run and its continuation: how long to train and how to start.
+_CONTINUATION_KEYS = ("resume", "overwrite", "max_steps", "epochs", "output_dir")  # a run folder may be moved
+_RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", "config.yaml")
+_RENAMED_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
+def same_run(saved_config: str, cfg: RunConfig) -> bool:
+    """Whether the config saved in `saved_config` describes the same run as `cfg` (the log and dist sections may
+    differ, and so may how long to train and how to start)."""
+    import yaml
+
+    with open(saved_config) as f:
+        previous = yaml.safe_load(f) or {}
+    lora = previous.get("lora") or {}
+    for old, new in _RENAMED_LORA_KEYS.items():  # written by scalora 0.1.0 before the section took peft's names
+        if old in lora:
+            lora[new] = lora.pop(old)
+    try:  # with today's defaults filled in, so that a key added since does not make the same run look different
+        previous = build_config(previous, saved_config).to_dict()
+    except ConfigError:
+        return False
+    mine = cfg.to_dict()
+    if any(previous.get(s) != mine[s] for s in ("model", "quant", "lora", "data")):
+        return False
+    strip = lambda d: {k: v for k, v in (d or {}).items() if k not in _CONTINUATION_KEYS}  # noqa: E731
+    return strip(previous.get("train")) == strip(mine["train"])
+
+
+def prepare_output_dir(cfg: RunConfig, out: str) -> tuple[Optional[str], bool]:
+    """Refuse a folder that holds another run. Returns (checkpoint to resume from, whether to clear the old run).
+
+    Clearing (train.overwrite=true) is left to the caller, after the model and data have loaded, so that a bad
+    input never costs the previous run.
+    """
+    saved = os.path.join(out, "config.yaml")
+    if not os.path.exists(saved):
+        return None, False
+    if cfg.train.overwrite:
+        return None, True
+    if not same_run(saved, cfg):
+        raise ValueError(f"{out} holds a run with a different config ({saved}); choose another train.output_dir, "
+                         "or pass train.overwrite=true to replace it")
+    if cfg.train.resume != "auto":
+        raise ValueError(f"{out} already holds this run; pass train.resume=auto to continue it or "
+                         "train.overwrite=true to start again")
+    path = latest(out)
+    if path and not same_run(os.path.join(path, "config.yaml"), cfg):
+        raise ValueError(f"checkpoint {path} was written by a run with a different config ({path}/config.yaml); "
+                         "resume with that config, or pass train.overwrite=true to start a new run here")
+    return path, False
+
+
+def clear_previous_run(out: str) -> None:
+    for name in _RUN_FILES:
+        p = os.path.join(out, name)
+        shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))

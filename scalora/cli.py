@@ -60,9 +60,9 @@ def _merge(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .lora_config import LoraConfig
+    from .core.lora_config import LoraConfig
     from .model import load_tokenizer, resolve_model_path
-    from .peft_model import PeftModel
+    from .core.peft_model import PeftModel
 
     config = LoraConfig.from_pretrained(args.adapter)
     base_path = args.base or config.base_model_name_or_path
@@ -87,9 +87,9 @@ def _merge(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .lora_config import LoraConfig
+    from .core.lora_config import LoraConfig
     from .model import load_base, load_tokenizer, resolve_model_path
-    from .peft_model import PeftModel
+    from .core.peft_model import PeftModel
 
     config = LoraConfig.from_pretrained(args.adapter)
     base_path = resolve_model_path(args.base or config.base_model_name_or_path or "")

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .core.lora_config import LoraConfig, adapter_problems
+
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:topics"
 
@@ -48,16 +50,24 @@ class QuantConfig:
         "auto", "dtype the packed 4-bit weights are stored in; auto: the compute dtype, so FSDP can shard them")
 
 
-@dataclass(frozen=True)
-class LoraSection:
-    r: int = _f(16, "rank")
-    alpha: float = _f(32, "lora_alpha; scaling = alpha / r")
-    dropout: float = _f(0.05, "dropout on the LoRA input")
-    target_modules: Union[str, list[str]] = _f("all-linear", "suffixes, a regex, or all-linear")
-    exclude_modules: Optional[list[str]] = _f(None, "suffixes to leave out")
-    use_rslora: bool = _f(False, "scaling = alpha / sqrt(r)")
-    bias: Literal["none", "all", "lora_only"] = _f("none", "which biases train")
-    modules_to_save: Optional[list[str]] = _f(None, "modules trained in full and saved with the adapter")
+# The `lora` section is peft's LoraConfig: its field names, types and help, with a QLoRA run's defaults. The fields
+# the orchestrator sets itself (the task, the base model, inference mode, ...) are left out.
+LORA_RUN_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+_LORA_SET_BY_RUN = ("fan_in_fan_out", "task_type", "inference_mode", "base_model_name_or_path", "revision",
+                    "peft_type")
+
+
+def _lora_section() -> type:
+    hints = typing.get_type_hints(LoraConfig)
+    fields = []
+    for f in dataclasses.fields(LoraConfig):
+        if f.name not in _LORA_SET_BY_RUN:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+            fields.append((f.name, hints[f.name], _f(LORA_RUN_DEFAULTS.get(f.name, default), f.metadata["help"])))
+    return dataclasses.make_dataclass("LoraSection", fields, frozen=True, namespace={"__module__": __name__})
+
+
+LoraSection = _lora_section()
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
         return value in args
     if origin is list:
         return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+                                               for k, v in value.items())
     if tp is type(None):
         return value is None
     if tp is float:
@@ -194,6 +207,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -203,12 +218,7 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     q, lo, d, t = cfg.quant, cfg.lora, cfg.data, cfg.train
     if q.bits not in (4, 8, 16):
         p.append(f"quant.bits={q.bits}: must be 4, 8 or 16 (16: no quantization)")
-    if lo.r <= 0:
-        p.append(f"lora.r={lo.r}: must be a positive integer, e.g. 16")
-    if lo.alpha <= 0:
-        p.append(f"lora.alpha={lo.alpha}: must be positive, e.g. 2 * r")
-    if not 0 <= lo.dropout < 1:
-        p.append(f"lora.dropout={lo.dropout}: must be in [0, 1)")
+    p += [f"lora.{problem}" for problem in adapter_problems(lo)]
     if not 0 <= d.validation_fraction < 1:
         p.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
     if d.max_length < 8:
@@ -296,7 +306,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> R
     source = path or "defaults"
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(path, [f"no such file; the shipped configs are in configs/ (e.g. configs/tiny.yaml)"])
+            raise ConfigError(path, ["no such file; the shipped configs are in configs/ (e.g. configs/tiny.yaml)"])
         with open(path) as f:
             try:
                 raw = yaml.safe_load(f) or {}

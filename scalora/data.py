@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from .config import BUILTIN_DATA, DataConfig
 
 IGNORE = -100
+TOPICS_DIR = Path(__file__).parent / "assets" / "topics"  # builtin:topics (scalora/builtin.py writes it)
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -34,8 +36,6 @@ class DataError(ValueError):
 
 # --- reading ---------------------------------------------------------------------------------------------------
 def _builtin_file(split: str) -> str:
-    from .builtin import TOPICS_DIR
-
     return str(TOPICS_DIR / f"{split}.jsonl")
 
 
@@ -168,22 +168,35 @@ class TokenizedSplit:
     records: Optional[list[dict]] = None  # raw records, kept for the validation split's exact-match scoring
 
 
+_KEPT, _TRUNCATED, _DROPPED = 0, 1, 2
+_RECORDS_PER_PROCESS = 20_000  # tokenizing in parallel pays off only for large files (process start-up ~1 s)
+
+
+def _encode_record(record: dict, fmt: str, tokenizer, cfg: DataConfig) -> dict[str, Any]:
+    ids, labels = tokenize_record(record, fmt, tokenizer, cfg)
+    status = _KEPT
+    if len(ids) > cfg.max_length:
+        if cfg.too_long == "drop":
+            return {"input_ids": [], "labels": [], "status": _DROPPED}
+        ids, labels, status = ids[: cfg.max_length], labels[: cfg.max_length], _TRUNCATED
+    if all(label == IGNORE for label in labels[1:]):  # nothing to learn from (e.g. answer truncated away)
+        status = _DROPPED
+    return {"input_ids": ids, "labels": labels, "status": status}
+
+
 def tokenize_split(ds, fmt: str, tokenizer, cfg: DataConfig, keep_records: bool = False) -> TokenizedSplit:
-    out = TokenizedSplit(examples=[], records=[] if keep_records else None)
-    for record in ds:
-        ids, labels = tokenize_record(record, fmt, tokenizer, cfg)
-        if len(ids) > cfg.max_length:
-            if cfg.too_long == "drop":
-                out.dropped += 1
-                continue
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            out.truncated += 1
-        if all(label == IGNORE for label in labels[1:]):  # nothing to learn from (e.g. answer truncated away)
-            out.dropped += 1
-            continue
-        out.examples.append({"input_ids": ids, "labels": labels})
-        if keep_records:
-            out.records.append(record)
+    """Tokenize with `datasets.map`: cached on disk beside the data (a second run with the same data, tokenizer and
+    settings reads the cache), in parallel for large files."""
+    num_proc = max(1, min(os.cpu_count() or 1, len(ds) // _RECORDS_PER_PROCESS)) if len(ds) else 1
+    enc = ds.map(_encode_record, fn_kwargs={"fmt": fmt, "tokenizer": tokenizer, "cfg": cfg},
+                 num_proc=num_proc if num_proc > 1 else None, desc="tokenizing", load_from_cache_file=True)
+    status, ids, labels = (list(enc[c]) for c in ("status", "input_ids", "labels"))  # read once from arrow
+    out = TokenizedSplit(examples=[], records=[] if keep_records else None,
+                         truncated=status.count(_TRUNCATED), dropped=status.count(_DROPPED))
+    kept = [i for i, s in enumerate(status) if s != _DROPPED]
+    out.examples = [{"input_ids": ids[i], "labels": labels[i]} for i in kept]
+    if keep_records:
+        out.records = [ds[i] for i in kept]
     if not out.examples:
         raise DataError(f"no usable examples left after tokenizing ({out.dropped} dropped as too long or without "
                         "answer tokens): raise data.max_length or check the data")
@@ -250,6 +263,18 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = Tr
         if block_mask:
             batch["attention_mask"] = packed_mask(pos, attention)
     return batch
+
+
+def device_batch(rows: list[dict[str, list[int]]], pad_id: int, device, block_mask: bool = True
+                 ) -> dict[str, torch.Tensor]:
+    """`collate`, on `device`."""
+    return {k: v.to(device) for k, v in collate(rows, pad_id, block_mask=block_mask).items()}
+
+
+def needs_block_mask(attn_implementation: Optional[str]) -> bool:
+    """Packed rows need the (B, 1, T, T) block mask, except with flash attention, whose variable-length path splits
+    the examples by their position ids."""
+    return not (attn_implementation or "").startswith("flash")
 
 
 def packed_mask(position_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

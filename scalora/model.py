@@ -3,27 +3,44 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from .config import BUILTIN_MODEL, RunConfig
+from .core.lora_config import LoraConfig
+from .core.peft_model import PeftModel, get_peft_model
 from .hardware import compute_dtype
-from .lora_config import LoraConfig
-from .peft_model import PeftModel, get_peft_model
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """The builtin model's folder (built on first use), a checked local folder, or a hub id."""
+# config.json of real models (no weights), for planning offline: "meta-llama/Llama-3.1-70B" is stored as
+# "meta-llama--Llama-3.1-70B".
+MODEL_CONFIGS = Path(__file__).parent / "assets" / "model_configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.name.replace("--", "/") for p in MODEL_CONFIGS.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model_path(name_or_path: str, config_only: bool = False) -> str:
+    """Where a model loads from: the builtin model's folder (built on first use), a local folder, or a hub id. With
+    `config_only` (planning needs config.json alone), also the config shipped in scalora/assets/model_configs."""
     if name_or_path == BUILTIN_MODEL:
         from .builtin import tiny_llama_path
 
         return tiny_llama_path()
-    local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
-    if local and not os.path.isdir(os.path.expanduser(name_or_path)):
+    local = os.path.expanduser(name_or_path)
+    if os.path.isdir(local) and (not config_only or os.path.isfile(os.path.join(local, "config.json"))):
+        return local
+    shipped = MODEL_CONFIGS / name_or_path.replace("/", "--")
+    if config_only and (shipped / "config.json").is_file():
+        return str(shipped)
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        hint = f", or one of the shipped configs: {', '.join(shipped_configs())}" if config_only else ""
         raise ValueError(f"model.name_or_path={name_or_path!r} could not be loaded: no such folder. Give a folder "
-                         f"written by save_pretrained, a hub id such as 'Qwen/Qwen2.5-7B', or {BUILTIN_MODEL}")
-    return os.path.expanduser(name_or_path) if local else name_or_path
+                         f"written by save_pretrained, a hub id such as 'Qwen/Qwen2.5-7B', or {BUILTIN_MODEL}{hint}")
+    return name_or_path  # a hub id
 
 
 def quantization_config(cfg: RunConfig, dtype: torch.dtype):
@@ -94,25 +111,33 @@ def load_base(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional
     return model
 
 
+def is_norm(module: torch.nn.Module) -> bool:
+    """Layer / RMS norms of any architecture (LlamaRMSNorm, LayerNorm, Qwen2RMSNorm, ...): kept in fp32."""
+    return "norm" in type(module).__name__.lower()
+
+
 def prepare_for_training(model, cfg: RunConfig) -> None:
     """k-bit training preparation, as QLoRA does it: frozen base, norms in fp32, checkpointing, no KV cache."""
     model.requires_grad_(False)
-    for name, module in model.named_modules():
-        if "norm" in type(module).__name__.lower():
+    for module in model.modules():
+        if is_norm(module):
             module.to(torch.float32)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
 
 
 def lora_config(cfg: RunConfig, base_path: str) -> LoraConfig:
-    lo = cfg.lora
-    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                      exclude_modules=lo.exclude_modules, use_rslora=lo.use_rslora, bias=lo.bias,
-                      modules_to_save=lo.modules_to_save, task_type="CAUSAL_LM",
-                      base_model_name_or_path=cfg.model.name_or_path if cfg.model.name_or_path != BUILTIN_MODEL
-                      else base_path)
+    """The run's `lora` section as peft's LoraConfig, with what the orchestrator knows: task and base model."""
+    import dataclasses
+
+    base = cfg.model.name_or_path if cfg.model.name_or_path != BUILTIN_MODEL else base_path
+    return LoraConfig(**dataclasses.asdict(cfg.lora), task_type="CAUSAL_LM", base_model_name_or_path=base)
 
 
 def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dtype] = None

@@ -23,15 +23,12 @@ rotary attention through SDPA, gated MLP); `tests/test_plan.py` checks the sum a
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 GiB = 2**30
-MODEL_CONFIGS = Path(__file__).parent / "assets" / "model_configs"
 STRATEGIES = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp", "fsdp_offload")
 LAUNCH_FILES = {"single": "launch/single.yaml", "ddp": "launch/ddp.yaml", "zero2": "launch/zero2.yaml",
                 "zero3": "launch/zero3.yaml", "zero3_offload": "launch/zero3_offload.yaml",
@@ -68,10 +65,6 @@ class Shape:
     @property
     def total_params(self) -> int:
         return self.quantized_numel + self.dense_params + self.norm_params
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
 
 
 @dataclass
@@ -117,37 +110,17 @@ class Estimate:
 
 
 # --- the model, from its config ---------------------------------------------------------------------------------
-def find_model_config(name_or_path: str) -> str:
-    """A folder holding config.json: the model's own folder, or one shipped in scalora/assets/model_configs."""
-    from .config import BUILTIN_MODEL
-
-    if name_or_path == BUILTIN_MODEL:
-        from .builtin import tiny_llama_path
-
-        return tiny_llama_path()
-    local = os.path.expanduser(name_or_path)
-    if os.path.isfile(os.path.join(local, "config.json")):
-        return local
-    shipped = MODEL_CONFIGS / name_or_path.replace("/", "--")
-    if (shipped / "config.json").is_file():
-        return str(shipped)
-    return name_or_path  # a hub id: AutoConfig fetches config.json only (works online)
-
-
-def shipped_configs() -> list[str]:
-    return sorted(p.name.replace("--", "/") for p in MODEL_CONFIGS.iterdir() if (p / "config.json").is_file())
-
-
 def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_modules: Any = None,
                 r: int = 16, trust_remote_code: bool = False) -> Shape:
     """Count the model's parameters by kind, building it on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import targets as T
-    from .lora_config import LoraConfig
+    from .core import targets as T
+    from .core.lora_config import LoraConfig
+    from .model import is_norm, resolve_model_path, shipped_configs
 
-    folder = find_model_config(name_or_path)
+    folder = resolve_model_path(name_or_path, config_only=True)
     try:
         hf = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -180,7 +153,7 @@ def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_m
                 shape.lora_layers += 1
                 shape.lora_params += r * (module.in_features + module.out_features)
                 shape.lora_in_features += module.in_features
-        elif "norm" in type(module).__name__.lower():
+        elif is_norm(module):
             for p in module.parameters(recurse=False):
                 shape.norm_params += p.numel()
                 seen.add(id(p))
@@ -305,6 +278,8 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
 # --- from a run config ------------------------------------------------------------------------------------------
 def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                          hidden_size: Optional[int] = None) -> Settings:
+    from .data import needs_block_mask
+
     if cfg.model.dtype == "auto" and device == "gpu":
         compute = 2
     else:  # a named dtype, or what `auto` resolves to on this machine's CPU for this model
@@ -312,9 +287,9 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
 
         compute = compute_dtype(cfg.model.dtype, hidden_size)[0].itemsize
     return Settings(bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
-                    lora_dropout=cfg.lora.dropout, optimizer=cfg.train.optimizer, micro_batch=cfg.train.micro_batch_size,
+                    lora_dropout=cfg.lora.lora_dropout, optimizer=cfg.train.optimizer, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                    packed_mask=cfg.data.packing and not (cfg.model.attn_implementation or "").startswith("flash"),
+                    packed_mask=cfg.data.packing and needs_block_mask(cfg.model.attn_implementation),
                     device=device, cpu_overhead=cpu_overhead)
 
 

@@ -3,12 +3,13 @@
 Checkpoints hold the adapter and its optimizer state whole, keyed by parameter name, so that a run saved on N
 processes resumes on M (ZeRO and FSDP shard differently for every N). The frozen base is never gathered.
 
-Three kinds of parameters are met, told apart by the parameter itself, not by the launch:
-- plain tensors (one process, DDP): the tensor is whole already;
-- DTensors (FSDP2): `full_tensor()` gathers, `distribute_tensor` scatters;
+Two kinds of parameters are met, told apart by the parameter itself, not by the launch:
+- plain tensors (one process, DDP) and DTensors (FSDP2): torch's `torch.distributed.checkpoint.state_dict`
+  (`get_*_state_dict` / `set_*_state_dict` with full state dicts) gathers and scatters them;
 - DeepSpeed ZeRO parameters: DeepSpeed's own accessors (`deepspeed.utils.safe_get_full_*`), which also hold the
-  fp32 master copy and the optimizer state partitions.
-Every function here is collective: all ranks call it, in the same order.
+  fp32 master copy and the optimizer state partitions (torch's state-dict API does not know DeepSpeed's engine).
+Every function here is collective: all ranks call it, in the same order. Gathered values are complete on the main
+process (DeepSpeed's on every rank); that is where checkpoints are written.
 """
 
 from __future__ import annotations
@@ -36,56 +37,56 @@ def _is_deepspeed(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if _is_dtensor(t) else t
+def full_shape(p: nn.Parameter) -> tuple[int, ...]:
+    """The whole parameter's shape (a ZeRO-3 partition's own shape is empty; a DTensor's is already the whole)."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
 
 
-def _scatter_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy `full` into `target`, which may be a DTensor shard."""
-    if _is_dtensor(target):
-        from torch.distributed.tensor import distribute_tensor
+def _options(gather: bool = True):
+    """Full state dicts when there are processes to gather from (on the main process's CPU), the trainable
+    parameters only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements)
-        target.to_local().copy_(local.to_local())
-    else:
-        target.copy_(full.to(target.device, target.dtype))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return StateDictOptions(full_state_dict=distributed, cpu_offload=distributed and gather,
+                            ignore_frozen_params=True, strict=False)
 
 
 @torch.no_grad()
 def gather_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole trainable parameters in fp32 on the CPU (on every rank)."""
-    out = {}
-    for name, p in trainable(model):
-        if _is_deepspeed(p):
-            from deepspeed.utils import safe_get_full_fp32_param
+    """The whole trainable parameters in fp32 on the CPU."""
+    names = [name for name, _ in trainable(model)]
+    if any(_is_deepspeed(p) for _, p in trainable(model)):
+        from deepspeed.utils import safe_get_full_fp32_param
 
-            value = safe_get_full_fp32_param(p)
-        else:
-            value = _full(p.detach())
-        out[name] = value.detach().float().cpu().clone()
-    return out
+        full = {name: safe_get_full_fp32_param(p) for name, p in trainable(model)}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=_options())
+    return {n: full[n].detach().float().cpu().clone() for n in names if n in full}
 
 
 @torch.no_grad()
 def scatter_params(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Set the trainable parameters from whole tensors (each rank keeps its part)."""
+    if not any(_is_deepspeed(p) for _, p in trainable(model)):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, {n: tensors[n] for n, _ in trainable(model)}, options=_options(gather=False))
+        return
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
     for name, p in trainable(model):
         full = tensors[name]
         if hasattr(p, "ds_id"):  # ZeRO-3: the module holds a partition; gather, write on rank 0, re-partition
-            import deepspeed
-            from deepspeed.utils import safe_set_full_fp32_param
-
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if torch.distributed.get_rank() == 0:
                     p.data.copy_(full.to(p.device, p.dtype))
-            safe_set_full_fp32_param(p, full.to(p.device, torch.float32))
-        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2: whole low-precision copy plus a partitioned fp32 master
-            from deepspeed.utils import safe_set_full_fp32_param
-
+        else:  # ZeRO-1/2: whole low-precision copy plus a partitioned fp32 master
             p.data.copy_(full.to(p.device, p.dtype))
-            safe_set_full_fp32_param(p, full.to(p.device, torch.float32))
-        else:
-            _scatter_into(p, full)
+        safe_set_full_fp32_param(p, full.to(p.device, torch.float32))
 
 
 def _base_optimizer(optimizer):
@@ -97,25 +98,27 @@ def _base_optimizer(optimizer):
 
 @torch.no_grad()
 def gather_optimizer_state(model: nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors "<param name>::<key>", scalars) of the optimizer state, whole, on every rank."""
+    """(tensors "<param name>::<key>", scalars) of the optimizer state, whole. "::step" counts the optimizer steps
+    taken, so that a state written with one topology restores into another (DeepSpeed keeps one count for all)."""
+    base = _base_optimizer(optimizer)
+    if any(_is_deepspeed(p) for _, p in trainable(model)):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        state = {name: {key: safe_get_full_optimizer_state(p, key) for key in _deepspeed_state_keys(base)}
+                 for name, p in trainable(model)}
+    else:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, base, options=_options()).get("state", {})
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    base = _base_optimizer(optimizer)
-    for name, p in trainable(model):
-        if _is_deepspeed(p):
-            from deepspeed.utils import safe_get_full_optimizer_state
-
-            for key in _deepspeed_state_keys(base):
-                value = safe_get_full_optimizer_state(p, key)
-                if value is not None:
-                    tensors[f"{name}::{key}"] = value.detach().float().cpu().clone()
-            continue
-        for key, value in base.state.get(p, {}).items():
+    for name, values in state.items():
+        for key, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{name}::{key}"] = _full(value).detach().cpu().clone()
-            else:
+                tensors[f"{name}::{key}"] = value.detach().cpu().clone()
+            elif value is not None:
                 scalars[f"{name}::{key}"] = value
-    steps = [s["step"] for s in base.state.values() if "step" in s]  # optimizer steps taken, for any topology
+    steps = [s["step"] for s in base.state.values() if "step" in s]
     scalars["::step"] = (steps[0].item() if torch.is_tensor(steps[0]) else steps[0]) if steps else 0
     return tensors, scalars
 
@@ -131,47 +134,43 @@ def scatter_optimizer_state(model: nn.Module, optimizer, tensors: dict[str, torc
                             scalars: dict[str, Any]) -> None:
     """Restore the optimizer state written by `gather_optimizer_state`, whatever the topology then was."""
     base = _base_optimizer(optimizer)
-    ds = any(_is_deepspeed(p) for _, p in trainable(model))
-    if ds:  # DeepSpeed's flat fp32 partitions may have no AdamW state before their first step (ZeRO-3)
-        zero = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        flats = [p for g in base.param_groups for p in g["params"]]
-        flats += list(getattr(zero, "fp32_partitioned_groups_flat", None) or [])
-        for flat in flats:
-            if flat is not None and flat.numel() and not base.state.get(flat):
-                base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                    "exp_avg_sq": torch.zeros_like(flat)}
+    if any(_is_deepspeed(p) for _, p in trainable(model)):
+        return _scatter_deepspeed_optimizer_state(model, optimizer, tensors, scalars)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state: dict[str, dict[str, Any]] = {name: {} for name, _ in trainable(model)}
+    for full_key, value in [*tensors.items(), *scalars.items()]:
+        name, _, key = full_key.partition("::")
+        if name:
+            state[name][key] = value
+    for values in state.values():
+        if values and "step" not in values:  # written under DeepSpeed, which keeps one count for all parameters
+            values["step"] = torch.tensor(float(scalars.get("::step", 0)))
+    groups = get_optimizer_state_dict(model, base, options=_options(gather=False))["param_groups"]
+    set_optimizer_state_dict(model, base, {"state": state, "param_groups": groups}, options=_options(gather=False))
+
+
+def _scatter_deepspeed_optimizer_state(model: nn.Module, optimizer, tensors: dict[str, torch.Tensor],
+                                       scalars: dict[str, Any]) -> None:
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    base = _base_optimizer(optimizer)
+    # DeepSpeed's flat fp32 partitions may have no AdamW state before their first step (ZeRO-3)
+    zero = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
+    flats = [p for g in base.param_groups for p in g["params"]]
+    flats += list(getattr(zero, "fp32_partitioned_groups_flat", None) or [])
+    for flat in flats:
+        if flat is not None and flat.numel() and not base.state.get(flat):
+            base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                "exp_avg_sq": torch.zeros_like(flat)}
     for name, p in trainable(model):
-        if ds:
-            from deepspeed.utils import safe_set_full_optimizer_state
-
-            for key in _deepspeed_state_keys(base):
-                safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(p.device), key)
-            continue
-        state = base.state[p]
-        prefix = f"{name}::"
-        for full_key, value in tensors.items():
-            if full_key.startswith(prefix):
-                key = full_key[len(prefix):]
-                if key in state and torch.is_tensor(state[key]) and state[key].shape == value.shape \
-                        and not (value.dim() == 0 and _is_dtensor(state[key])):
-                    _scatter_into(state[key], value)
-                elif _is_dtensor(p) and value.dim() > 0:
-                    from torch.distributed.tensor import distribute_tensor
-
-                    state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
-                else:
-                    state[key] = value.clone() if value.dim() == 0 else value.to(p.device)
-        for full_key, value in scalars.items():
-            if full_key.startswith(prefix):
-                state[full_key[len(prefix):]] = value
-        if "step" not in state and state:  # written under DeepSpeed, which keeps one count for all parameters
-            state["step"] = torch.tensor(float(scalars.get("::step", 0)))
-    if ds:
-        for state in base.state.values():
-            if "step" in state:
-                old = state["step"]
-                state["step"] = torch.tensor(scalars.get("::step", 0), dtype=old.dtype, device=old.device) \
-                    if torch.is_tensor(old) else scalars.get("::step", 0)
+        for key in _deepspeed_state_keys(base):
+            safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(p.device), key)
+    for state in base.state.values():
+        if "step" in state:
+            old = state["step"]
+            state["step"] = torch.tensor(scalars.get("::step", 0), dtype=old.dtype, device=old.device) \
+                if torch.is_tensor(old) else scalars.get("::step", 0)
 
 
 def local_optimizer_state_elements(optimizer) -> int:

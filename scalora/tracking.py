@@ -1,4 +1,5 @@
-"""Metrics: `metrics.jsonl` always, Weights & Biases or TensorBoard through accelerate's trackers, a loss plot.
+"""What a run shows: progress on the terminal, `metrics.jsonl` always, Weights & Biases or TensorBoard through
+accelerate's trackers, a loss plot and the closing summary.
 
 Logging never stops training: a tracker that fails to start or to log is turned off with one warning.
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 import warnings
 from typing import Any, Optional
 
@@ -142,3 +145,51 @@ def plot_losses(metrics_path: str, out_png: str) -> Optional[str]:
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def summary_text(s: dict[str, Any], png: Optional[str]) -> str:
+    lines = [f"done: {s['steps']} steps, {s['train_tokens']:,} tokens in {s['train_seconds']:.1f} s "
+             f"({s['tokens_per_s']:,.0f} tokens/s), peak memory {s['peak_memory_gb']:.2f} GiB"]
+    f, l = s["first_eval"], s["final_eval"]
+    if f and l:
+        lines.append(f"validation loss {f['eval/loss']:.4f} -> {l['eval/loss']:.4f}")
+        if "eval/exact_match" in f and "eval/exact_match" in l:
+            lines.append(f"validation exact match {f['eval/exact_match']:.1%} -> {l['eval/exact_match']:.1%}")
+    lines.append(f"adapter (PEFT format): {s['adapter']}" + (f" | loss plot: {png}" if png else ""))
+    return "\n".join(lines)
+
+
+class Progress:
+    """A tqdm bar on a terminal (rank 0 only); one plain line per logging step otherwise, with an ETA."""
+
+    def __init__(self, main: bool, total: int, start: int) -> None:
+        self.main, self.total, self.start, self.t0 = main, total, start, time.time()
+        self.bar = None
+        if main and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def line(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def tick(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def step(self, done: int, m: dict[str, float]) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.tick(done)
+            self.bar.set_postfix(loss=f"{m['train/loss']:.4f}", lr=f"{m['train/lr']:.2e}",
+                                 tok_s=f"{m['train/tokens_per_s']:.0f}")
+            return
+        eta = (time.time() - self.t0) / max(1, done - self.start) * (self.total - done)
+        print(f"step {done}/{self.total} | loss {m['train/loss']:.4f} | lr {m['train/lr']:.2e} | "
+              f"{m['train/tokens_per_s']:,.0f} tokens/s | eta {eta:.0f} s", flush=True)

@@ -31,13 +31,13 @@ def test_unknown_keys_suggest_the_nearest(tmp_path):
 
 
 def test_types_and_values_reported_at_once(tmp_path):
-    path = _write(tmp_path, "quant:\n  bits: 3\nlora:\n  r: 0\n  dropout: 1.5\ntrain:\n  lr: -1\n"
+    path = _write(tmp_path, "quant:\n  bits: 3\nlora:\n  r: 0\n  lora_dropout: 1.5\ntrain:\n  lr: -1\n"
                             "  global_batch_size: 10\n  micro_batch_size: 4\n  schedule: wavy\n"
                             "model:\n  trust_remote_code: 'yes'\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
     text = str(e.value)
-    for expected in ("quant.bits=3: must be 4, 8 or 16", "lora.r=0", "lora.dropout=1.5", "train.lr=-1:",
+    for expected in ("quant.bits=3: must be 4, 8 or 16", "lora.r=0", "lora.lora_dropout=1.5", "train.lr=-1:",
                      "global_batch_size=10 is not a multiple of train.micro_batch_size=4",
                      "train.schedule='wavy': must be one of 'cosine', 'linear', 'constant'",
                      "model.trust_remote_code='yes': must be bool"):

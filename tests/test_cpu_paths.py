@@ -18,7 +18,8 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 
 import scalora
-from scalora import hardware, quant
+from scalora import hardware
+from scalora.core import quant
 
 from conftest import load_quantized, tokens
 from helpers import adapter, losses, run
@@ -112,6 +113,7 @@ def validated_once(env):
     return out
 
 
+@pytest.mark.slow
 def test_validating_during_a_run_changes_nothing_it_learns(env, validated_once):
     """(a) The same run validating (loss and exact-match generation) every 2 steps and only at the end: bitwise the
     same adapter on one process. Uses the builtin model, whose intermediate size is 352."""
@@ -123,6 +125,7 @@ def test_validating_during_a_run_changes_nothing_it_learns(env, validated_once):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_bf16_compute_trains_like_fp32(env, validated_once):
     """model.dtype=bfloat16 on the CPU (autocast, bf16 base, fp32 adapter): the loss curve stays within 1% of fp32's
     (measured 0.05-0.4% on bench/dtype.py's models) and summary.json says which dtype ran and why."""

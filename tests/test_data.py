@@ -8,7 +8,7 @@ import torch
 from scalora.builtin import build_tokenizer
 from scalora.config import DataConfig
 from scalora.data import (IGNORE, DataError, build_datasets, collate, pack, read_records, tokenize_record)
-from scalora.train import token_loss_sum
+from scalora.loss import token_loss_sum
 
 
 @pytest.fixture(scope="module")

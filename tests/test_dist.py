@@ -22,6 +22,8 @@ import scalora
 
 from helpers import DIST, adapter, free_port, launch, launch_cmd, losses, max_diff, run
 
+pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
+
 TOPOLOGIES = {"ddp": "launch/ddp.yaml", "zero2": "launch/zero2.yaml", "zero3": "launch/zero3.yaml",
               "fsdp": "launch/fsdp.yaml"}
 WEIGHT_TOL, LOSS_RTOL = 1e-4, 1e-5
@@ -139,3 +141,18 @@ def test_impossible_combinations_are_refused_at_start(env):
     p = launch(env, TOPOLOGIES["zero2"], "configs/tiny.yaml", *DIST, "train.optimizer=adamw_8bit",
                f"train.output_dir={env['root'] / 'dist-bad2'}", check=False)
     assert p.returncode != 0 and "train.optimizer=adamw" in p.stderr
+
+
+def test_fsdp_on_cpu_needs_the_switch(env):
+    """accelerate (1.15) runs FSDP on CPUs only through dist._fsdp_on_cpu: alone it makes MULTI_CPU of
+    ACCELERATE_USE_FSDP. When this fails because accelerate picks FSDP itself, delete dist._fsdp_on_cpu."""
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), "tests/fsdp_probe.py"], env=env["env"], capture_output=True, text=True,
+                       timeout=300)
+    lines = sorted(line.split() for line in p.stdout.splitlines() if line[:1].isdigit())
+    assert p.returncode == 0 and len(lines) == 2, p.stderr[-3000:]
+    for rank, (index, alone, ours) in enumerate(lines):
+        assert (int(index), alone, ours) == (rank, "MULTI_CPU", "FSDP")
+

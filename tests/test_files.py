@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import scalora
-from scalora import quant
+from scalora.core import quant
 from conftest import load_quantized, randomize_lora, tiny_model, tokens
 
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.05)

@@ -1,13 +1,12 @@
 """Merging, unloading, disabling and switching adapters, each against W + scaling * B @ A computed by hand."""
 
-import warnings
 
 import pytest
 import torch
 
 import scalora
 from conftest import copy_lora, load_quantized, randomize_lora, tiny_model, tokens
-from scalora import quant
+from scalora.core import quant
 
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear")
 

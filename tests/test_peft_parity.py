@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import scalora
-from scalora import quant
+from scalora.core import quant
 from conftest import copy_lora, load_quantized, randomize_lora, tiny_model, tokens
 
 CONFIGS = {

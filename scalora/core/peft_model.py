@@ -15,15 +15,17 @@ from torch import nn
 
 from . import quant, targets
 from .adapter_io import get_peft_model_state_dict, set_peft_model_state_dict
-from .lora import LoraLayer, ModulesToSaveWrapper
-from .lora_config import CONFIG_NAME, WEIGHTS_NAME, LoraConfig, TaskType, resolve_adapter_file
+from .lora import LoraLayer, ModulesToSaveWrapper, Wrapper
+from .lora_config import WEIGHTS_NAME, LoraConfig, TaskType, resolve_adapter_file
 
 # Heads that peft trains in full by default for sequence classification.
 _SEQ_CLS_MODULES_TO_SAVE = ["classifier", "score"]
 
 
-class LoraModel(nn.Module):
+class LoraModel(Wrapper):
     """Holds the user's model as `.model` and injects / removes / merges LoRA layers in it."""
+
+    inner = "model"
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -32,14 +34,6 @@ class LoraModel(nn.Module):
         self.active_adapter: str = adapter_name
         quant.keep_4bit_weights_plain(model)  # before any eval forward can repack a 4-bit weight (see quant.py)
         self.inject_adapter(config, adapter_name)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -198,22 +192,16 @@ class LoraModel(nn.Module):
         return self._unload(False)
 
 
-class PeftModel(nn.Module):
+class PeftModel(Wrapper):
     """The model `get_peft_model` returns; `base_model` is a `LoraModel`, so names read `base_model.model.<path>`."""
+
+    inner = "base_model"
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _name_or_path(model)
         self.base_model = LoraModel(model, peft_config, adapter_name)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
@@ -242,8 +230,6 @@ class PeftModel(nn.Module):
         trainable = total = 0
         for p in self.parameters():
             n = p.numel()
-            if n == 0 and hasattr(p, "ds_numel"):
-                n = p.ds_numel
             if p.__class__.__name__ == "Params4bit":
                 n = n * 2 * p.element_size()
             total += n

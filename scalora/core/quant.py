@@ -86,10 +86,6 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
     return layer.in_features, layer.out_features
 
 
-def kind(layer: nn.Module) -> str:
-    return "4bit" if is_4bit(layer) else "8bit" if is_8bit(layer) else "conv1d" if is_conv1d(layer) else "linear"
-
-
 def _int8_scales(layer: nn.Module) -> torch.Tensor:
     # bitsandbytes moves the row scales from the parameter to `layer.state` after the first forward.
     scb = getattr(layer.weight, "SCB", None)

@@ -18,8 +18,25 @@ from torch import nn
 from . import quant
 
 
-class LoraLayer(nn.Module):
+class Wrapper(nn.Module):
+    """A module around another: attributes it does not have are read from the wrapped module (`inner` names it), as
+    peft's wrappers do (`layer.weight`, `peft_model.config`, `peft_model.generation_config`, ...)."""
+
+    inner = ""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self.inner:
+                raise
+            return getattr(super().__getattr__(self.inner), name)
+
+
+class LoraLayer(Wrapper):
     """Wraps a `nn.Linear`, `Conv1D`, bitsandbytes `Linear4bit` or `Linear8bitLt` and adds LoRA adapters to it."""
+
+    inner = "base_layer"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -46,14 +63,6 @@ class LoraLayer(nn.Module):
     @property
     def active_adapter(self) -> str:
         return self.active_adapters[0]
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)  # `layer.weight`, `layer.bias` read through, as in peft
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: Union[bool, str], use_rslora: bool) -> None:

@@ -50,6 +50,51 @@ _PEFT_BOOKKEEPING = {
 }
 
 
+def adapter_problems(c: Any) -> list[str]:
+    """Every invalid value among the adapter's own fields (those a run config's `lora` section holds too), each with
+    what to write instead. `c` is a LoraConfig or anything with the same attributes."""
+    p: list[str] = []
+    if isinstance(c.r, bool) or not isinstance(c.r, int) or c.r <= 0:
+        p.append(f"r={c.r!r}: the rank must be a positive integer, e.g. r=8")
+    if isinstance(c.lora_alpha, bool) or not isinstance(c.lora_alpha, (int, float)) or c.lora_alpha <= 0:
+        p.append(f"lora_alpha={c.lora_alpha!r}: must be a positive number, e.g. lora_alpha=16 (often 2*r)")
+    if not isinstance(c.lora_dropout, (int, float)) or not 0 <= c.lora_dropout < 1:
+        p.append(f"lora_dropout={c.lora_dropout!r}: must be in [0, 1), e.g. 0.05; 0 turns it off")
+    if c.bias not in ("none", "all", "lora_only"):
+        p.append(f"bias={c.bias!r}: must be 'none', 'all' or 'lora_only'")
+    if not (c.init_lora_weights is True or c.init_lora_weights is False or c.init_lora_weights == "gaussian"):
+        p.append(f"init_lora_weights={c.init_lora_weights!r}: scalora supports True (Kaiming A, zero B), "
+                 "'gaussian' or False")
+    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+        v = getattr(c, name)
+        if v is not None and not isinstance(v, str) and not (
+                isinstance(v, list) and all(isinstance(s, str) for s in v)):
+            p.append(f"{name}={v!r}: must be a list of module-name suffixes or one regex string")
+    if c.modules_to_save is not None and not (
+            isinstance(c.modules_to_save, list) and all(isinstance(s, str) for s in c.modules_to_save)):
+        p.append(f"modules_to_save={c.modules_to_save!r}: must be a list of module names, e.g. ['lm_head']")
+    ltt = c.layers_to_transform
+    if ltt is not None:
+        idx = [ltt] if isinstance(ltt, int) else ltt
+        if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                for i in idx):
+            p.append(f"layers_to_transform={ltt!r}: must be a layer index or a list of them, e.g. [0, 1]")
+        if isinstance(c.target_modules, str):
+            p.append("layers_to_transform cannot be combined with a regex target_modules: "
+                     "put the layer indices in the regex, or give target_modules as a list")
+    if c.layers_pattern and ltt is None:
+        p.append("layers_pattern is only used with layers_to_transform: set layers_to_transform or drop it")
+    for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        d = getattr(c, name)
+        if not isinstance(d, dict):
+            p.append(f"{name}={d!r}: must be a mapping from module-name regex to a value")
+            continue
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, kind) or v <= 0:
+                p.append(f"{name}[{k!r}]={v!r}: must be a positive {'integer' if kind is int else 'number'}")
+    return p
+
+
 @dataclass
 class LoraConfig:
     """Configuration of a LoRA adapter, field for field as `peft.LoraConfig`.
@@ -63,7 +108,7 @@ class LoraConfig:
         metadata={"help": "module-name suffixes, a regex (full match) or 'all-linear'; None: the model family's default"},
     )
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "suffixes or regex to skip"})
-    lora_alpha: float = field(default=8, metadata={"help": "scaling numerator"})
+    lora_alpha: float = field(default=8, metadata={"help": "scaling numerator: scaling = lora_alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch input, in [0, 1)"})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "weights stored (in, out), as GPT-2's Conv1D"})
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "which biases train"})
@@ -76,11 +121,11 @@ class LoraConfig:
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "name of the layer list"})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "per-module r, by regex"})
     alpha_pattern: dict[str, float] = field(default_factory=dict, metadata={"help": "per-module alpha, by regex"})
-    task_type: Optional[Union[TaskType, str]] = None
-    inference_mode: bool = False
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
-    peft_type: Union[PeftType, str] = PeftType.LORA
+    task_type: Optional[Union[TaskType, str]] = field(default=None, metadata={"help": "e.g. CAUSAL_LM"})
+    inference_mode: bool = field(default=False, metadata={"help": "load frozen (no trainable adapter)"})
+    base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "the base the adapter was trained on"})
+    revision: Optional[str] = field(default=None, metadata={"help": "the base's hub revision"})
+    peft_type: Union[PeftType, str] = field(default=PeftType.LORA, metadata={"help": "LORA (the only one)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
@@ -98,45 +143,7 @@ class LoraConfig:
 
     def _problems(self) -> list[str]:
         """Every invalid value, each with what to write instead."""
-        p: list[str] = []
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            p.append(f"r={self.r!r}: the rank must be a positive integer, e.g. r=8")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            p.append(f"lora_alpha={self.lora_alpha!r}: must be a positive number, e.g. lora_alpha=16 (often 2*r)")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            p.append(f"lora_dropout={self.lora_dropout!r}: must be in [0, 1), e.g. 0.05; 0 turns it off")
-        if self.bias not in ("none", "all", "lora_only"):
-            p.append(f"bias={self.bias!r}: must be 'none', 'all' or 'lora_only'")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False or self.init_lora_weights == "gaussian"):
-            p.append(f"init_lora_weights={self.init_lora_weights!r}: scalora supports True (Kaiming A, zero B), "
-                     "'gaussian' or False")
-        for name in ("target_modules", "exclude_modules", "layers_pattern"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, str) and not (
-                    isinstance(v, list) and all(isinstance(s, str) for s in v)):
-                p.append(f"{name}={v!r}: must be a list of module-name suffixes or one regex string")
-        if self.modules_to_save is not None and not (
-                isinstance(self.modules_to_save, list) and all(isinstance(s, str) for s in self.modules_to_save)):
-            p.append(f"modules_to_save={self.modules_to_save!r}: must be a list of module names, e.g. ['lm_head']")
-        ltt = self.layers_to_transform
-        if ltt is not None:
-            idx = [ltt] if isinstance(ltt, int) else ltt
-            if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                    for i in idx):
-                p.append(f"layers_to_transform={ltt!r}: must be a layer index or a list of them, e.g. [0, 1]")
-            if isinstance(self.target_modules, str):
-                p.append("layers_to_transform cannot be combined with a regex target_modules: "
-                         "put the layer indices in the regex, or give target_modules as a list")
-        if self.layers_pattern and ltt is None:
-            p.append("layers_pattern is only used with layers_to_transform: set layers_to_transform or drop it")
-        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
-            d = getattr(self, name)
-            if not isinstance(d, dict):
-                p.append(f"{name}={d!r}: must be a mapping from module-name regex to a value")
-                continue
-            for k, v in d.items():
-                if isinstance(v, bool) or not isinstance(v, kind) or v <= 0:
-                    p.append(f"{name}[{k!r}]={v!r}: must be a positive {'integer' if kind is int else 'number'}")
+        p = adapter_problems(self)
         try:
             PeftType(self.peft_type)
         except ValueError:
@@ -151,9 +158,6 @@ class LoraConfig:
     @property
     def is_prompt_learning(self) -> bool:
         return False
-
-    def scaling_for(self, r: int, alpha: float) -> float:
-        return alpha / r**0.5 if self.use_rslora else alpha / r
 
     # --- PEFT's adapter_config.json ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
