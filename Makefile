@@ -10,7 +10,7 @@ PIP         ?= pip==26.3
 CONSTRAINTS ?= constraints.txt
 PIN_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test install lock clean
+.PHONY: demo test test-fast install lock clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install   # the core, config, data and planner tests: under a minute, for iteration
+	$(PY) -m pytest -q -m "not slow"
 
 # Refresh the pins: resolve the newest compatible stack in a scratch venv and write constraints.txt from it.
 # The refreshed stack must pass `make test` (from a clean clone) before it is committed.

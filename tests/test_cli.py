@@ -14,6 +14,8 @@ import scalora
 
 from helpers import FAST, run
 
+pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
+
 
 @pytest.fixture(scope="module")
 def trained(env):
@@ -39,9 +41,11 @@ def test_train_writes_everything(trained):
     assert all(k in metrics[1] for k in ("train/lr", "train/tokens_per_s", "train/grad_norm"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_eval"]["eval/loss"] < summary["first_eval"]["eval/loss"]
-    # no frozen base weights in a checkpoint
+    # no frozen base weights in a checkpoint: every tensor in it is the adapter's or its optimizer state's
     ckpt = out / "checkpoints/step-000006"
-    assert not any(f.name.startswith(("model", "pytorch_model")) for f in ckpt.iterdir())
+    tensors = {**load_file(ckpt / "adapter/adapter_model.safetensors"), **load_file(ckpt / "optimizer.safetensors")}
+    assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors), sorted(tensors)[:5]
+    assert sum(t.numel() for t in tensors.values() if t.dim()) == 3 * summary["trainable_params"]  # + 2 moments
 
 
 def test_wandb_offline_run_folder_holds_the_metrics(trained):
@@ -74,9 +78,19 @@ def test_merge_equals_base_plus_adapter(trained, env):
 
 
 def test_generate(trained, env):
+    """`scalora generate` prints what greedy decoding with base + adapter gives, computed here in-process."""
+    from transformers import AutoTokenizer
+
     out, _ = trained
-    p = run(env, "generate", str(out / "final"), "--prompt", "the band played", "--max-new-tokens", "4")
-    assert p.stdout.strip()
+    prompt = "the band played"
+    p = run(env, "generate", str(out / "final"), "--prompt", prompt, "--max-new-tokens", "6")
+    tok = AutoTokenizer.from_pretrained(env["base"])
+    model = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.eval().generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert expected and p.stdout.strip().splitlines()[-1] == expected
 
 
 def test_resume_continues_exactly(trained, env):

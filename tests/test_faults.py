@@ -20,7 +20,9 @@ import torch
 
 from scalora import checkpoint
 
-from helpers import DIST, adapter, launch_cmd, losses, max_diff, run
+from helpers import DIST, adapter, launch_cmd, losses, run
+
+pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
 
 ARGS = ["train.max_steps=6", "train.save_every=1", "train.save_total_limit=2", "train.eval_every=3",
         "data.max_eval_generate=0", "train.schedule=cosine", "train.warmup_ratio=0.2", "train.log_every=1",
@@ -86,17 +88,21 @@ def test_sigkill_at_steps_and_inside_checkpoint_writes(env, reference):
 
 
 def test_sigkill_from_outside_at_random_times(env, reference):
+    """Killed twice from outside at a random moment after a random early step (the run must still be going: a kill
+    that lands after the run ended would test nothing), then resumed."""
     out = env["root"] / "faults-kill-ext"
     rng = random.Random(1)
     for _ in range(2):
         proc = subprocess.Popen([sys.executable, "-m", "scalora", *train_args(out)], env=env["env"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for line in proc.stdout:  # wait until training runs, then kill at a random moment
-            if line.startswith("step ") and "/6" in line:
+        after = f"step {rng.randint(1, 2)}/6"
+        for line in proc.stdout:  # wait until training reaches that step, then kill at a random moment
+            if line.startswith(after):
                 break
-        time.sleep(rng.uniform(0, 1.5))
+        time.sleep(rng.uniform(0, 0.2))  # a step of this run takes ~0.1-0.2 s: the kill lands inside steps 2-4
         proc.kill()
         proc.wait()
+        assert proc.returncode == -signal.SIGKILL and not (out / "final").exists(), "the run ended before the kill"
     run(env, *train_args(out))
     assert_same_run(out, reference)
 
@@ -205,7 +211,7 @@ def test_checkpoint_from_a_different_config_is_refused(env, reference, tmp_path)
     shutil.copytree(reference, out)
     ckpt = out / "checkpoints/step-000006"
     cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
-    cfg["lora"]["alpha"] = 7.0
+    cfg["lora"]["lora_alpha"] = 7.0
     (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
     manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())  # a consistent, complete checkpoint
     manifest["files"]["config.yaml"] = {"size": (ckpt / "config.yaml").stat().st_size,

@@ -16,6 +16,7 @@ import torch
 
 from scalora import plan as P
 from scalora.config import load_config
+from scalora.model import shipped_configs
 
 from helpers import launch, run
 
@@ -32,7 +33,7 @@ PUBLISHED = {  # parameter counts on the model cards / safetensors indexes
 
 
 def test_shipped_configs_give_the_published_parameter_counts():
-    assert set(P.shipped_configs()) == set(PUBLISHED)
+    assert set(shipped_configs()) == set(PUBLISHED)
     for name, n in PUBLISHED.items():
         assert P.model_shape(name).total_params == n, name
 
@@ -72,7 +73,7 @@ def test_saved_activations_match_autograd(env):
     """The per-layer activation model against the tensors autograd really saves (packed rows, no checkpointing)."""
     from scalora.data import build_datasets, collate
     from scalora.model import build_model
-    from scalora.train import token_loss_sum
+    from scalora.loss import token_loss_sum
 
     cfg = _cfg(env, "data.packing=true", "data.max_length=256", "model.gradient_checkpointing=false")
     model, tok, _ = build_model(cfg)
@@ -90,7 +91,7 @@ def test_saved_activations_match_autograd(env):
     saved = sum(storages.values())
     shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
     T = batch["input_ids"].shape[1]
-    st = P.Settings(compute_bytes=4, lora_dropout=cfg.lora.dropout, micro_batch=4, seq_len=T,
+    st = P.Settings(compute_bytes=4, lora_dropout=cfg.lora.lora_dropout, micro_batch=4, seq_len=T,
                     gradient_checkpointing=False, packed_mask=True)
     # of the logits, only the log-softmax is saved; the other terms are peaks of the loss and its gradient
     predicted = P.activation_bytes(shape, st) - 4 * T * (P.logits_bytes_per_token(shape, st) - 4 * shape.vocab)
@@ -115,39 +116,47 @@ def runtime():
 
 
 @pytest.fixture(scope="module")
-def measured(env):
-    return {}
+def peak_and_prediction(env, runtime):
+    """(measured training peak per rank, predicted) of one case, run once however many tests ask (any order)."""
+    done: dict[tuple, tuple[float, float]] = {}
+
+    def measure(strategy, launch_file, gc, micro, length):
+        if (strategy, gc) in done:
+            return done[(strategy, gc)]
+        out = env["root"] / f"plan-{strategy}-{int(gc)}"
+        over = [*RUN, f"train.output_dir={out}", f"train.micro_batch_size={micro}", f"data.max_length={length}",
+                f"model.gradient_checkpointing={str(gc).lower()}"]
+        e = {**env, "env": dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536")}
+        if launch_file:
+            launch(e, launch_file, *over)
+        else:
+            run(e, "train", *over)
+        summary = json.load(open(os.path.join(out, "summary.json")))
+        peak = max(summary["peak_memory_gb_per_rank"]) * 2**30
+        cfg = _cfg(env, *over)
+        shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
+        st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy], shape.hidden)
+        predicted = P.estimate(shape, st, strategy, 1 if strategy == "single" else 2).total
+        print(f"\nplan {strategy} gc={gc} micro {micro} x {length}: measured {peak / 2**30:.3f} GiB per rank "
+              f"(max of {summary['peak_memory_gb_per_rank']}), predicted {predicted / 2**30:.3f}, "
+              f"ratio {predicted / peak:.3f}")
+        done[(strategy, gc)] = peak, predicted
+        return peak, predicted
+
+    return measure
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,launch_file,gc,micro,length", CASES, ids=[f"{c[0]}-gc{int(c[2])}" for c in CASES])
-def test_prediction_within_15_percent_of_measured_peak(env, runtime, measured, strategy, launch_file, gc, micro,
-                                                       length):
-    out = env["root"] / f"plan-{strategy}-{int(gc)}"
-    over = [*RUN, f"train.output_dir={out}", f"train.micro_batch_size={micro}", f"data.max_length={length}",
-            f"model.gradient_checkpointing={str(gc).lower()}"]
-    e = {**env, "env": dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536")}
-    if launch_file:
-        launch(e, launch_file, *over)
-    else:
-        run(e, "train", *over)
-    summary = json.load(open(os.path.join(out, "summary.json")))
-    peak = max(summary["peak_memory_gb_per_rank"]) * 2**30
-    cfg = _cfg(env, *over)
-    shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
-    st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy], shape.hidden)
-    predicted = P.estimate(shape, st, strategy, 1 if strategy == "single" else 2).total
-    measured[(strategy, gc)] = (peak, predicted)
-    print(f"\nplan {strategy} gc={gc} micro {micro} x {length}: measured {peak / 2**30:.3f} GiB per rank "
-          f"(max of {summary['peak_memory_gb_per_rank']}), predicted {predicted / 2**30:.3f}, "
-          f"ratio {predicted / peak:.3f}")
+def test_prediction_within_15_percent_of_measured_peak(peak_and_prediction, strategy, launch_file, gc, micro, length):
+    peak, predicted = peak_and_prediction(strategy, launch_file, gc, micro, length)
     assert abs(predicted - peak) / peak < 0.15, (strategy, predicted / 2**30, peak / 2**30)
 
 
-def test_checkpointing_saving_is_predicted(measured):
+@pytest.mark.slow
+def test_checkpointing_saving_is_predicted(peak_and_prediction):
     """The activation term alone: what gradient checkpointing saves, predicted vs measured (same model, batch)."""
-    if ("single", True) not in measured or ("single", False) not in measured:
-        pytest.fail("the single-process runs above did not complete")
-    (on, p_on), (off, p_off) = measured[("single", True)], measured[("single", False)]
+    (on, p_on), (off, p_off) = peak_and_prediction(*CASES[0]), peak_and_prediction(*CASES[1])
     print(f"\ncheckpointing saves: measured {(off - on) / 2**20:.0f} MiB, predicted {(p_off - p_on) / 2**20:.0f} MiB")
     assert off - on > 50 * 2**20  # the runs are long enough for activations to show
     assert abs((p_off - p_on) - (off - on)) / (off - on) < 0.25, ((p_off - p_on) / 2**20, (off - on) / 2**20)
@@ -169,6 +178,7 @@ def test_published_points():
     assert P.estimate(shape, P.Settings(micro_batch=1, seq_len=512), "single").fits(24 * P.GiB, True) == "no"
 
 
+@pytest.mark.slow
 def test_plan_cli(env, tmp_path):
     p = run(env, "plan", "configs/llama3-8b.yaml", "--gpus", "2", "--gpu-memory", "24GiB",
             "--json", str(tmp_path / "plan.json"))
