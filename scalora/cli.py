@@ -1,4 +1,4 @@
-"""`scalora train | merge | generate`."""
+"""`scalora train | merge | generate | plan | launch-file`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import os
 import sys
 from typing import Optional
 
-from .config import ConfigError, help_text, load_config
+if __name__ == "__main__" and not __package__:  # run as a file: `accelerate launch scalora/cli.py train ...`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "scalora"
+
+from .config import ConfigError, help_text, load_config  # noqa: E402
 
 
 def _split_config(args: argparse.Namespace) -> None:
@@ -36,7 +40,9 @@ def _relaunch(args: argparse.Namespace, cfg) -> int:
     """`scalora train` with dist.launch_config: start the same command under `accelerate launch`."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", cfg.dist.launch_config,
+    from .dist import launch_file
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_file(cfg.dist.launch_config),
            "--num_processes", str(cfg.dist.num_processes), "-m", "scalora", "train"]
     cmd += ([args.config] if args.config else []) + list(args.overrides)
     env = dict(os.environ, ACCELERATE_LAUNCH="1")
@@ -58,57 +64,55 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from .core.lora_config import LoraConfig
-    from .model import load_tokenizer, resolve_model_path
-    from .core.peft_model import PeftModel
+    from .model import load_as_trained
 
-    config = LoraConfig.from_pretrained(args.adapter)
-    base_path = args.base or config.base_model_name_or_path
-    if not base_path:
-        raise SystemExit(f"{args.adapter}/adapter_config.json names no base model: pass --base PATH")
-    base_path = resolve_model_path(base_path)
+    model, tokenizer, _, how = load_as_trained(args.adapter, args.base, args.config, args.full_precision,
+                                               args.trust_remote_code)
+    base = model.get_base_model()
     dtype = getattr(torch, args.dtype)
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    model = PeftModel.from_pretrained(base, args.adapter)
-    merged = model.merge_and_unload()
+    if getattr(base, "hf_quantizer", None) is not None:  # as trained: the de-quantized base weights + the adapter
+        base.dequantize(dtype=dtype)
+    merged = model.merge_and_unload().to(dtype)
     merged.save_pretrained(args.out)  # safetensors
-    try:
-        from .config import RunConfig
-
-        load_tokenizer(RunConfig(), base_path).save_pretrained(args.out)
-    except Exception as e:  # a base without a tokenizer still merges
-        print(f"note: tokenizer not copied ({e})", file=sys.stderr)
-    print(f"merged model written to {args.out} (load it with AutoModelForCausalLM.from_pretrained)")
+    tokenizer.save_pretrained(args.out)
+    print(f"merged model written to {args.out}: base loaded {how}, {args.dtype} weights "
+          "(load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .core.lora_config import LoraConfig
-    from .model import load_base, load_tokenizer, resolve_model_path
-    from .core.peft_model import PeftModel
+    from .model import load_as_trained
 
-    config = LoraConfig.from_pretrained(args.adapter)
-    base_path = resolve_model_path(args.base or config.base_model_name_or_path or "")
-    # Without a run config the base loads in full precision.
-    cfg = load_config(args.config) if args.config else load_config(None, ["quant.bits=16"])
-    tokenizer = load_tokenizer(cfg, base_path)
-    model = PeftModel.from_pretrained(load_base(cfg, base_path), args.adapter).eval()
     prompts = list(args.prompt or [])
     if args.prompts_file:
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
-        raise SystemExit("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    model, tokenizer, _, how = load_as_trained(args.adapter, args.base, args.config, args.full_precision)
+    print(f"base loaded {how}", file=sys.stderr)
+    embedding = model.get_base_model().get_input_embeddings().weight
+    dtype, device = embedding.dtype, embedding.device
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        # as in training: the norms are fp32 beside a bf16 / fp16 base
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                                  temperature=args.temperature or None, pad_token_id=tokenizer.pad_token_id)
         print(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return 0
+
+
+def _launch_file(args: argparse.Namespace) -> int:
+    from .dist import launch_file, shipped_launch_files
+
+    if not args.name:
+        print("\n".join(shipped_launch_files()))
+        return 0
+    print(os.path.abspath(launch_file(args.name)))
     return 0
 
 
@@ -128,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers model")
     m.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="output folder for the merged model")
-    m.add_argument("--base", help="base model folder or hub id (default: base_model_name_or_path of the adapter)")
+    m.add_argument("--base", help="base model folder or hub id (default: the run's model, or base_model_name_or_path "
+                                  "of the adapter)")
+    m.add_argument("--config", help="the run config the adapter was trained with (default: config.yaml beside it)")
+    m.add_argument("--full-precision", action="store_true",
+                   help="merge into the original full-precision base weights instead of the (de-quantized) base the "
+                        "adapter was trained on")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default float32)")
     m.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
@@ -149,12 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", help="also write the table as JSON to this file")
     pl.set_defaults(func=_plan)
 
+    lf = sub.add_parser("launch-file", help="print the path of a shipped accelerate launch file (none: list them)",
+                        description="accelerate launch --config_file \"$(scalora launch-file fsdp)\" -m scalora train "
+                                    "CONFIG.yaml")
+    lf.add_argument("name", nargs="?", help="single, ddp, zero2, zero3, zero3_offload or fsdp")
+    lf.set_defaults(func=_launch_file)
+
     g = sub.add_parser("generate", help="generate text with base + adapter")
     g.add_argument("adapter", help="adapter folder")
     g.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     g.add_argument("--prompts-file", help="file with one prompt per line")
     g.add_argument("--base", help="base model (default: from the adapter's config)")
-    g.add_argument("--config", help="run config whose model/quant sections load the base (default: full precision)")
+    g.add_argument("--config", help="the run config the adapter was trained with (default: config.yaml beside it)")
+    g.add_argument("--full-precision", action="store_true",
+                   help="load the original base weights in fp32 instead of the base as the run trained it")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.set_defaults(func=_generate)

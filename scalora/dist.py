@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+
+LAUNCH_DIR = Path(__file__).parent / "launch"  # the shipped accelerate launch files
+
+
+def shipped_launch_files() -> list[str]:
+    return sorted(p.stem for p in LAUNCH_DIR.glob("*.yaml"))
+
+
+def launch_file(name_or_path: str) -> str:
+    """A launch file's path: a file that exists, or the name of a shipped one (`fsdp`, `zero3`, ...)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    shipped = LAUNCH_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+    if shipped.is_file() and os.sep not in name_or_path.removeprefix("launch/"):
+        return str(shipped)
+    raise ValueError(f"launch file {name_or_path!r} does not exist; give the path of an accelerate launch file or "
+                     f"the name of a shipped one: {', '.join(shipped_launch_files())}")
 
 
 def configure_threads(requested: int = 0) -> int:
@@ -36,11 +55,7 @@ def make_accelerator(global_batch: int, micro_batch: int, mixed_precision: str, 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    world = world_size()
-    if global_batch % (micro_batch * world):
-        raise ValueError(f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size="
-                         f"{micro_batch} x {world} processes: change one of them so that it divides")
-    accum = global_batch // (micro_batch * world)
+    accum = accumulation_steps(global_batch, micro_batch, world_size())
     kwargs: dict[str, Any] = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=accum,
                                   log_with=log_with, project_config=ProjectConfiguration(project_dir=project_dir))
     if torch.cuda.is_available():
@@ -68,6 +83,64 @@ def _fsdp_on_cpu() -> None:
     state = AcceleratorState()
     state.fsdp_plugin = FullyShardedDataParallelPlugin()
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per optimizer step on each process, so that every step sees `global_batch` examples. A launcher
+    setting (`accelerate launch --gradient_accumulation_steps`) that disagrees is refused, not obeyed in silence."""
+    if global_batch % (micro_batch * world):
+        raise ValueError(f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size="
+                         f"{micro_batch} x {world} processes: change one of them so that it divides")
+    accum = global_batch // (micro_batch * world)
+    asked = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") or _launcher_option("--gradient_accumulation_steps")
+    if asked not in (None, "", "auto") and asked != str(accum):
+        raise ValueError(f"the launcher sets gradient_accumulation_steps={asked}, but scalora takes {accum} from "
+                         f"train.global_batch_size={global_batch} / (train.micro_batch_size={micro_batch} x {world} "
+                         "processes): drop --gradient_accumulation_steps (or the launch file's gradient_accumulation_"
+                         "steps) and set train.global_batch_size or train.micro_batch_size instead")
+    return accum
+
+
+def _launcher_option(option: str) -> Optional[str]:
+    """The value of `option` on the command line of the `accelerate launch` that started this process (its parent
+    process; Linux). accelerate passes --gradient_accumulation_steps on to the processes only under DeepSpeed and
+    drops it otherwise, so this is the one place scalora can see that it was asked for."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") or a == "accelerate.commands.launch" for a in argv) or "launch" not in \
+            " ".join(argv):
+        return None
+    for i, a in enumerate(argv):
+        if a == option and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(option + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+_MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def launcher_precision(model_dtype: str, dtype: torch.dtype, why: str) -> tuple[torch.dtype, str]:
+    """The compute dtype after accelerate's mixed_precision from the launcher (`--mixed_precision`, a launch file's
+    `mixed_precision`). 'no' is accelerate's default and says nothing; bf16 / fp16 are taken where model.dtype is
+    auto and refused where model.dtype names another dtype."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked in ("no", ""):
+        return dtype, why
+    if asked not in _MIXED:
+        raise ValueError(f"the launcher asks for mixed_precision={asked}: scalora computes in bf16, fp16 or fp32; "
+                         "launch with --mixed_precision bf16, fp16 or no, or set model.dtype")
+    if model_dtype == "auto":
+        return _MIXED[asked], f"auto: the launcher's mixed_precision={asked}"
+    if _MIXED[asked] != dtype:
+        raise ValueError(f"the launcher asks for mixed_precision={asked}, but model.dtype={model_dtype}: set "
+                         f"model.dtype={str(_MIXED[asked]).removeprefix('torch.')} (or auto, to take the launcher's), "
+                         "or launch with mixed_precision 'no'")
+    return dtype, why
 
 
 def mixed_precision(dtype: torch.dtype) -> str:
@@ -143,21 +216,33 @@ def check_topology(accelerator, cfg) -> None:
                          + "\n  - ".join(problems))
 
 
-def fill_deepspeed_config(accelerator, micro_batch: int, max_grad_norm: float) -> None:
-    """Give DeepSpeed's "auto" fields scalora's values (accelerate fills them only from a DataLoader)."""
+def fill_deepspeed_config(accelerator, cfg, accum: int, dtype: torch.dtype) -> None:
+    """Give DeepSpeed's "auto" fields scalora's values (accelerate fills them only from a DataLoader) and refuse a
+    DeepSpeed value that disagrees with the run config (accelerate would let it override scalora's, silently)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
-    ds = plugin.deepspeed_config
-    values = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_clipping": max_grad_norm,
-              "gradient_accumulation_steps": accelerator.gradient_accumulation_steps}
-    for key, value in values.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    ds["train_batch_size"] = micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+    ds, t = plugin.deepspeed_config, cfg.train
+    values = {"train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+              "gradient_accumulation_steps": (accum, "train.global_batch_size (or train.micro_batch_size)"),
+              "train_batch_size": (t.micro_batch_size * accum * accelerator.num_processes, "train.global_batch_size"),
+              "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm")}
+    problems = [f"{key}={ds[key]} (scalora's: {mine}; set {key_name} instead)"
+                for key, (mine, key_name) in values.items()
+                if ds.get(key, "auto") != "auto" and float(ds[key]) != float(mine)]
+    for section, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        enabled = (ds.get(section) or {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (dtype == wanted):
+            problems.append(f"{section}.enabled={enabled} (scalora computes in {str(dtype).removeprefix('torch.')}; "
+                            "set model.dtype instead)")
     if "optimizer" in ds or "scheduler" in ds:
-        raise ValueError("the DeepSpeed config file defines an optimizer or scheduler; scalora builds both from "
-                         "the run config (train.optimizer, train.schedule): remove them from the JSON file")
+        problems.append("an optimizer or scheduler (scalora builds both from train.optimizer and train.schedule)")
+    if problems:
+        raise ValueError("the DeepSpeed config disagrees with the run config, which is the one source of truth for "
+                         "batch sizes, accumulation, clipping and precision: remove these from the DeepSpeed config "
+                         "(or make them \"auto\"):\n  - " + "\n  - ".join(problems))
+    for key, (mine, _) in values.items():
+        ds[key] = mine
 
 
 class StopSignal:

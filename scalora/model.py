@@ -116,12 +116,16 @@ def is_norm(module: torch.nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def prepare_for_training(model, cfg: RunConfig) -> None:
-    """k-bit training preparation, as QLoRA does it: frozen base, norms in fp32, checkpointing, no KV cache."""
+def freeze_with_fp32_norms(model) -> None:
     model.requires_grad_(False)
     for module in model.modules():
         if is_norm(module):
             module.to(torch.float32)
+
+
+def prepare_for_training(model, cfg: RunConfig) -> None:
+    """k-bit training preparation, as QLoRA does it: frozen base, norms in fp32, checkpointing, no KV cache."""
+    freeze_with_fp32_norms(model)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -149,3 +153,46 @@ def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dt
     prepare_for_training(model, cfg)
     peft_model = get_peft_model(model, lora_config(cfg, path))
     return peft_model, tokenizer, path
+
+
+# --- the base an adapter was trained on ------------------------------------------------------------------------
+def run_config_of(adapter_dir: str) -> Optional[str]:
+    """The run config saved beside an adapter scalora wrote: RUN/final/ and RUN/checkpoints/step-N/adapter/ have it
+    one folder up (RUN/config.yaml, step-N/config.yaml). None for an adapter from elsewhere."""
+    for folder in (adapter_dir, os.path.dirname(os.path.abspath(adapter_dir))):
+        path = os.path.join(folder, "config.yaml")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Optional[str] = None,
+                    full_precision: bool = False, trust_remote_code: bool = False):
+    """(base + adapter for inference, tokenizer, run config, what was loaded): the base the way the run trained it
+    (quantization and compute dtype from the run's config beside the adapter, or `config`), so that outputs are
+    the trained model's; with `full_precision` (or no run config to be found) the original weights in fp32."""
+    from .config import load_config
+
+    adapter_cfg = LoraConfig.from_pretrained(adapter_dir)
+    run_yaml = config or run_config_of(adapter_dir)
+    overrides = [f"model.trust_remote_code={str(trust_remote_code).lower()}"] if trust_remote_code else []
+    if full_precision or run_yaml is None:
+        cfg = load_config(None, ["quant.bits=16", "model.dtype=float32", *overrides])
+        how = "full precision" + ("" if full_precision else
+                                  f" (no run config beside {adapter_dir}: pass --config RUN/config.yaml to load "
+                                  "the base as it was trained)")
+    else:
+        cfg = load_config(run_yaml, overrides)
+        how = f"as trained ({cfg.quant.bits}-bit base, from {run_yaml})"
+    name = base or (cfg.model.name_or_path if run_yaml and not full_precision else None) \
+        or adapter_cfg.base_model_name_or_path
+    if not name:
+        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass --base PATH")
+    path = resolve_model_path(name)
+    dtype = run_compute_dtype(cfg, path)[0]
+    model = load_base(cfg, path, device_map={"": "cuda:0"} if torch.cuda.is_available() else None, dtype=dtype)
+    freeze_with_fp32_norms(model)
+    from .core.peft_model import PeftModel
+
+    return PeftModel.from_pretrained(model, adapter_dir).eval(), load_tokenizer(cfg, path), cfg, how
+

@@ -33,7 +33,7 @@ STRATEGIES = ("single", "ddp", "zero2", "zero2_offload", "zero3", "zero3_offload
 LAUNCH_FILES = {"single": "launch/single.yaml", "ddp": "launch/ddp.yaml", "zero2": "launch/zero2.yaml",
                 "zero3": "launch/zero3.yaml", "zero3_offload": "launch/zero3_offload.yaml",
                 "fsdp": "launch/fsdp.yaml", "fsdp_offload": "launch/fsdp.yaml + fsdp_offload_params: true",
-                "zero2_offload": "launch/zero2.yaml + offload_optimizer: cpu"}
+                "zero2_offload": "launch/zero2.yaml + offload_optimizer_device: cpu"}
 GPU_OVERHEAD = 1.0 * GiB  # CUDA context (~0.5 GiB), cuBLAS / NCCL workspaces, caching-allocator reserve
 GPU_SLACK = 0.05  # fragmentation of the caching allocator, as a share of what it holds
 CPU_EXTRA = 0.1 * GiB  # on CPU, beyond the imported runtime: data pipeline, autograd and thread-pool buffers

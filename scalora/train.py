@@ -100,7 +100,8 @@ def setup(cfg: RunConfig) -> Run:
     """Everything before the first step: processes, model, data, optimizer, the run folder, the resume point."""
     threads = dist.configure_threads(cfg.dist.threads_per_process)
     out = cfg.train.output_dir
-    dtype, dtype_why = run_compute_dtype(cfg, resolve_model_path(cfg.model.name_or_path))
+    dtype, dtype_why = dist.launcher_precision(cfg.model.dtype,
+                                               *run_compute_dtype(cfg, resolve_model_path(cfg.model.name_or_path)))
     tracker_name = choose_tracker(cfg)
     os.makedirs(out, exist_ok=True)
     accelerator = dist.make_accelerator(cfg.train.global_batch_size, cfg.train.micro_batch_size,
@@ -119,7 +120,9 @@ def setup(cfg: RunConfig) -> Run:
     trainable, all_params = model.get_nb_trainable_parameters()  # before sharding splits them
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
-    dist.fill_deepspeed_config(accelerator, cfg.train.micro_batch_size, cfg.train.max_grad_norm)
+    dist.fill_deepspeed_config(accelerator, cfg, dist.accumulation_steps(cfg.train.global_batch_size,
+                                                                      cfg.train.micro_batch_size,
+                                                                      accelerator.num_processes), dtype)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
     load_peak = dist.reset_peak_memory()  # from here on, the peak is training's (what `scalora plan` predicts)

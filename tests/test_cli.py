@@ -8,9 +8,10 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import scalora
+from scalora.core import quant
 
 from helpers import FAST, run
 
@@ -66,29 +67,50 @@ def test_adapter_loads_in_peft_with_the_same_logits(trained, env):
     assert (_logits(ours, ids) - _logits(base, ids)).abs().max() > 1e-3
 
 
-def test_merge_equals_base_plus_adapter(trained, env):
+def _as_trained(env, adapter):
+    """The trained model, built here with peft: the base in 4-bit NF4 as configs/tiny.yaml loads it, + the adapter."""
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(env["base"], quantization_config=q, dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(adapter))
+    quant.keep_4bit_weights_plain(model)  # bitsandbytes' plain 4-bit path (tests/test_cpu_paths.py)
+    return model
+
+
+def test_merge_gives_the_trained_model(trained, env):
+    """`scalora merge` merges into the base as the run trained it (4-bit, de-quantized): the merged fp32 model's
+    logits are the trained model's; --full-precision merges into the original fp32 weights instead."""
     out, _ = trained
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     merged_dir = env["root"] / "merged"
     run(env, "merge", str(out / "final"), "--out", str(merged_dir))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any(isinstance(m, scalora.LoraLayer) for m in merged.modules())
+    assert getattr(merged.config, "quantization_config", None) is None
+    torch.testing.assert_close(_logits(merged, ids), _logits(_as_trained(env, out / "final"), ids), rtol=0,
+                               atol=1e-5)
+    full_dir = env["root"] / "merged-full"
+    run(env, "merge", str(out / "final"), "--out", str(full_dir), "--full-precision")
     ref = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
-    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(_logits(merged, ids), _logits(ref, ids), rtol=0, atol=1e-5)
+    full = _logits(AutoModelForCausalLM.from_pretrained(full_dir), ids)
+    torch.testing.assert_close(full, _logits(ref, ids), rtol=0, atol=1e-5)
+    assert (full - _logits(merged, ids)).abs().max() > 1e-3  # the two paths do differ: 4-bit rounding
 
 
 def test_generate(trained, env):
-    """`scalora generate` prints what greedy decoding with base + adapter gives, computed here in-process."""
+    """`scalora generate` prints what greedy decoding with the trained model (4-bit base + adapter) gives,
+    computed here in-process with peft."""
     from transformers import AutoTokenizer
 
     out, _ = trained
     prompt = "the band played"
     p = run(env, "generate", str(out / "final"), "--prompt", prompt, "--max-new-tokens", "6")
+    assert "base loaded as trained (4-bit base" in p.stderr
     tok = AutoTokenizer.from_pretrained(env["base"])
-    model = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
-        ref = model.eval().generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        ref = _as_trained(env, out / "final").eval().generate(**ids, max_new_tokens=6, do_sample=False,
+                                                             pad_token_id=tok.pad_token_id)
     expected = tok.decode(ref[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert expected and p.stdout.strip().splitlines()[-1] == expected
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import peft
 import pytest
@@ -155,4 +156,65 @@ def test_fsdp_on_cpu_needs_the_switch(env):
     assert p.returncode == 0 and len(lines) == 2, p.stderr[-3000:]
     for rank, (index, alone, ours) in enumerate(lines):
         assert (int(index), alone, ours) == (rank, "MULTI_CPU", "FSDP")
+
+
+def _launch_args(*extra):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *extra]
+
+
+def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_path):
+    """scalora's config is the one source of truth for batch, accumulation and precision: a launcher value that
+    disagrees is refused with both values and the key to set, and nothing is trained or written."""
+    import json as _json
+
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(_json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4,
+                                    "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}))
+    ds_yaml = tmp_path / "ds.yaml"
+    ds_yaml.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\n"
+                       "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
+    cases = [
+        (["--config_file", "launch/ddp.yaml", "--gradient_accumulation_steps", "4"], [],
+         ["gradient_accumulation_steps=4", "takes 2", "train.global_batch_size"]),
+        (["--config_file", "launch/ddp.yaml", "--mixed_precision", "fp16"], ["model.dtype=float32"],
+         ["mixed_precision=fp16", "model.dtype=float32", "model.dtype=float16"]),
+        (["--config_file", str(ds_yaml)], [], ["gradient_accumulation_steps=4 (scalora's: 2",
+                                               "train.global_batch_size"]),
+    ]
+    for i, (launcher, overrides, messages) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        cmd = _launch_args(*launcher, "-m", "scalora", "train", "configs/tiny.yaml", *DIST, *overrides,
+                           f"train.output_dir={out}")
+        p = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
+        assert p.returncode != 0, launcher
+        assert all(m in p.stderr for m in messages), (launcher, p.stderr[-3000:])
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_launcher_precision_is_taken_where_the_config_says_auto(env, tmp_path):
+    out = tmp_path / "bf16"
+    cmd = _launch_args("--config_file", "launch/ddp.yaml", "--mixed_precision", "bf16", "-m", "scalora", "train",
+                       "configs/tiny.yaml", *DIST, "train.max_steps=2", f"train.output_dir={out}")
+    p = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compute_dtype"] == "bfloat16"
+    assert summary["compute_dtype_reason"] == "auto: the launcher's mixed_precision=bf16"
+
+
+def test_the_cli_file_and_shipped_launch_files_work_from_anywhere(env, tmp_path):
+    """`accelerate launch <shipped file> scalora/cli.py train ...`, run from another folder."""
+    import os
+
+    out = tmp_path / "from-elsewhere"
+    shipped = run(env, "launch-file", "zero2").stdout.strip()
+    assert os.path.isabs(shipped) and shipped.endswith("scalora/launch/zero2.yaml")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = _launch_args("--config_file", shipped, os.path.join(root, "scalora", "cli.py"), "train",
+                       os.path.join(root, "configs", "tiny.yaml"), *DIST, "train.max_steps=2",
+                       f"train.output_dir={out}")
+    p = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["topology"] == "zero2" and summary["processes"] == 2
 

@@ -7,14 +7,17 @@ config, data, loop, checkpoints, trackers, sharding), which builds on it.
     lora          LoraLayer (one forward for every base kind), ModulesToSaveWrapper
     quant         the base kinds: nn.Linear, Conv1D, bitsandbytes 4-bit / 8-bit; dense read / write for merging
     targets       which modules get LoRA
-    peft_model    get_peft_model, PeftModel, LoraModel
+    peft_model    get_peft_model, PeftModel
+    lora_model    LoraModel: injecting, switching, merging, unloading adapters
+    interop       how transformers, accelerate and TRL recognise adapter models; peft configs converted
     adapter_io    PEFT's file keys, checked loading
 """
 
 from .adapter_io import get_peft_model_state_dict, set_peft_model_state_dict
 from .lora import LoraLayer, ModulesToSaveWrapper
 from .lora_config import LoraConfig, PeftType, TaskType
-from .peft_model import LoraModel, PeftModel, get_peft_model
+from .lora_model import LoraModel
+from .peft_model import PeftModel, get_peft_model
 
 __all__ = [
     "LoraConfig", "LoraLayer", "LoraModel", "ModulesToSaveWrapper", "PeftModel", "PeftType", "TaskType",

@@ -23,6 +23,7 @@ class Wrapper(nn.Module):
     peft's wrappers do (`layer.weight`, `peft_model.config`, `peft_model.generation_config`, ...)."""
 
     inner = ""
+    not_read_through: dict[str, str] = {}  # names never read from the wrapped module, with the reason
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -30,6 +31,8 @@ class Wrapper(nn.Module):
         except AttributeError:
             if name == self.inner:
                 raise
+            if name in self.not_read_through:
+                raise AttributeError(self.not_read_through[name]) from None
             return getattr(super().__getattr__(self.inner), name)
 
 
@@ -99,14 +102,15 @@ class LoraLayer(Wrapper):
         if self.merged:
             return result
         out_dtype = result.dtype
-        # Under autocast the LoRA matmuls run in the autocast dtype whatever x is: casting x to the adapter's fp32
-        # first would only add two copies (measured 11% of a bf16 step on CPU). Without autocast, x must match.
+        # x goes in the adapter's dtype (as peft casts it), except an fp32 adapter under autocast: its matmuls run in
+        # the autocast dtype whatever x is, and the cast would only add two copies (11% of a bf16 step on CPU).
         autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x if autocast else x.to(lora_A.weight.dtype))
+            keep = autocast and lora_A.weight.dtype == torch.float32
+            h = self.lora_dropout[name](x if keep else x.to(lora_A.weight.dtype))
             result = result + lora_B(lora_A(h)) * self.scaling[name]  # (..., out)
         return result.to(out_dtype)
 

@@ -1,4 +1,4 @@
-"""`get_peft_model`, `PeftModel` and `LoraModel`: the layering that gives PEFT's parameter names.
+"""`get_peft_model` and `PeftModel`: the layering that gives PEFT's parameter names.
 
     PeftModel.base_model -> LoraModel.model -> the user's module, with targeted layers replaced by `LoraLayer`s.
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Iterator, Optional, Union
 
@@ -13,197 +14,45 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import quant, targets
+from . import interop
 from .adapter_io import get_peft_model_state_dict, set_peft_model_state_dict
-from .lora import LoraLayer, ModulesToSaveWrapper, Wrapper
-from .lora_config import WEIGHTS_NAME, LoraConfig, TaskType, resolve_adapter_file
+from .lora import Wrapper
+from .lora_config import WEIGHTS_NAME, LoraConfig, resolve_adapter_file
+from .lora_model import LoraModel
 
-# Heads that peft trains in full by default for sequence classification.
-_SEQ_CLS_MODULES_TO_SAVE = ["classifier", "score"]
+class _ForwardWithTheBaseSignature:
+    """`peft_model.forward`, showing the base model's argument names to `inspect.signature` (transformers' Trainer
+    and TRL read them to decide which dataset columns to keep); it calls `PeftModel._forward`."""
 
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
 
-class LoraModel(Wrapper):
-    """Holds the user's model as `.model` and injects / removes / merges LoRA layers in it."""
+        @functools.wraps(obj.get_base_model().forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return obj._forward(*args, **kwargs)
 
-    inner = "model"
-
-    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
-        super().__init__()
-        self.model = model
-        self.peft_config: dict[str, LoraConfig] = {}
-        self.active_adapter: str = adapter_name
-        quant.keep_4bit_weights_plain(model)  # before any eval forward can repack a 4-bit weight (see quant.py)
-        self.inject_adapter(config, adapter_name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    # --- injection --------------------------------------------------------------------------------------------
-    def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or "
-                             "delete_adapter it first")
-        target_list = targets.resolve_targets(config, self.model)
-        inside_wrappers = tuple(name + "." for name, m in self.model.named_modules()
-                                if isinstance(m, (LoraLayer, ModulesToSaveWrapper)))
-        matched: list[str] = []
-        for key, module in list(self.model.named_modules()):
-            if not key or key.startswith(inside_wrappers) or not targets.is_target(key, config, target_list):
-                continue
-            if isinstance(module, ModulesToSaveWrapper):
-                raise ValueError(f"{key} is in modules_to_save of another adapter and cannot also take LoRA")
-            if not isinstance(module, LoraLayer) and not quant.is_wrappable(module):
-                if isinstance(target_list, str):
-                    continue  # a regex may match containers too; only linear layers are taken
-                raise ValueError(f"target {key!r} is a {type(module).__name__}; LoRA wraps linear layers only "
-                                 "(nn.Linear, Conv1D, bitsandbytes Linear4bit / Linear8bitLt). Narrow "
-                                 f"target_modules to linear layers, e.g. {targets.linear_names_hint(self.model)}")
-            r = targets.pattern_value(config.rank_pattern, key, config.r)
-            alpha = targets.pattern_value(config.alpha_pattern, key, config.lora_alpha)
-            layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
-            layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                               config.use_rslora)
-            if layer is not module:
-                _set_submodule(self.model, key, layer)
-            matched.append(key)
-        if not matched:
-            raise targets.no_match_error(config, self.model)
-
-        modules_to_save = config.modules_to_save
-        if modules_to_save is None and config.task_type == TaskType.SEQ_CLS:
-            modules_to_save = [n for n in _SEQ_CLS_MODULES_TO_SAVE if _has_suffix(self.model, n)]
-        for key, module in list(self.model.named_modules()):
-            if not key or key.startswith(inside_wrappers) or not modules_to_save or \
-                    not targets.matches(key, modules_to_save):
-                continue
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            else:
-                _set_submodule(self.model, key, ModulesToSaveWrapper(module, adapter_name))
-
-        self.peft_config[adapter_name] = config
-        self._mark_trainable(adapter_name)
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
-
-    def _mark_trainable(self, adapter_name: str) -> None:
-        """Freeze everything but adapters, then the biases that `bias` asks for (peft's rule)."""
-        config = self.peft_config[adapter_name]
-        for n, p in self.model.named_parameters():
-            if "lora_" not in n and ".modules_to_save." not in n:
-                p.requires_grad_(False)
-        if config.inference_mode:
-            return
-        if config.bias == "all":
-            for n, p in self.model.named_parameters():
-                if n.endswith(".bias") and ".modules_to_save." not in n:
-                    p.requires_grad_(True)
-        elif config.bias == "lora_only":
-            for m in self.model.modules():
-                if isinstance(m, LoraLayer) and m.base_layer.bias is not None:
-                    m.base_layer.bias.requires_grad_(True)
-
-    # --- adapters ---------------------------------------------------------------------------------------------
-    def _layers(self) -> Iterator[Union[LoraLayer, ModulesToSaveWrapper]]:
-        return (m for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper)))
-
-    def _check_name(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
-
-    def set_adapter(self, adapter_name: str) -> None:
-        self._check_name(adapter_name)
-        trainable = not self.peft_config[adapter_name].inference_mode
-        for layer in self._layers():
-            if isinstance(layer, LoraLayer):
-                if layer.merged:
-                    layer.unmerge()
-                layer.set_adapter(adapter_name, trainable=trainable)
-            elif adapter_name in layer.modules_to_save:
-                layer.set_adapter(adapter_name, trainable=trainable)
-        self.active_adapter = adapter_name
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._check_name(adapter_name)
-        del self.peft_config[adapter_name]
-        for layer in list(self._layers()):
-            if isinstance(layer, LoraLayer):
-                if adapter_name in layer.merged_adapters:
-                    layer.unmerge()
-                layer.delete_adapter(adapter_name)
-            else:
-                if adapter_name in layer.modules_to_save:
-                    del layer.modules_to_save[adapter_name]
-        # Layers left with no adapter at all go back to their base module.
-        for key, module in list(self.model.named_modules()):
-            if isinstance(module, LoraLayer) and not module.lora_A:
-                _set_submodule(self.model, key, module.base_layer)
-            elif isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
-                _set_submodule(self.model, key, module.original_module)
-        if self.active_adapter == adapter_name and self.peft_config:
-            self.set_adapter(next(iter(self.peft_config)))
-
-    def set_adapters_enabled(self, enabled: bool) -> None:
-        for layer in self._layers():
-            layer.disable_adapters = not enabled
-
-    # --- merging and unloading --------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = True) -> None:
-        for layer in self._layers():
-            if isinstance(layer, LoraLayer):
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def unmerge_adapter(self) -> None:
-        for layer in self._layers():
-            if isinstance(layer, LoraLayer):
-                layer.unmerge()
-
-    def _unload(self, merge: bool, dequantize: bool = False, dtype: Optional[torch.dtype] = None,
-                adapter_names: Optional[list[str]] = None, safe_merge: bool = True) -> nn.Module:
-        for key, module in list(self.model.named_modules()):
-            if isinstance(module, LoraLayer):
-                base = module.base_layer
-                if merge and dequantize and (quant.is_4bit(base) or quant.is_8bit(base)):
-                    module.unmerge()  # start from the base as loaded, not from a re-quantized merge
-                    base = quant.to_full_precision(module.base_layer, dtype or torch.float32)
-                    w = base.weight.data.float()
-                    for name in adapter_names or module.active_adapters:
-                        w = w + module.delta_weight(name).to(w.device)
-                    quant.set_dense_weight(base, w)
-                elif merge:
-                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
-                _set_submodule(self.model, key, base)
-            elif isinstance(module, ModulesToSaveWrapper):
-                _set_submodule(self.model, key, module._current())
-        return self.model
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = True,
-                         adapter_names: Optional[list[str]] = None, dequantize: bool = False,
-                         dtype: Optional[torch.dtype] = None) -> nn.Module:
-        """The base model with the active adapters merged in and no LoRA layers left.
-
-        A 4-bit / 8-bit base is re-quantized (with a warning about rounding) unless `dequantize=True`, which turns
-        those layers into full-precision `nn.Linear`s (fp32, or `dtype`) holding W + scaling * B @ A exactly.
-        """
-        return self._unload(True, dequantize=dequantize, dtype=dtype, adapter_names=adapter_names,
-                            safe_merge=safe_merge)
-
-    def unload(self) -> nn.Module:
-        """The base model with LoRA layers removed and nothing merged."""
-        return self._unload(False)
+        return forward
 
 
-class PeftModel(Wrapper):
-    """The model `get_peft_model` returns; `base_model` is a `LoraModel`, so names read `base_model.model.<path>`."""
+@interop.shadow_peft_only
+class PeftModel(Wrapper, interop.peft_model_class()):
+    """The model `get_peft_model` returns; `base_model` is a `LoraModel`, so names read `base_model.model.<path>`.
+
+    Where peft is installed it is also a `peft.PeftModel` for `isinstance`, the only way transformers, accelerate and
+    TRL recognise an adapter model; no code of peft's runs in it (scalora/core/interop.py).
+    """
 
     inner = "base_model"
+    forward = _ForwardWithTheBaseSignature()
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): peft's __init__ (next in line where peft is installed) must not run
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _name_or_path(model)
         self.base_model = LoraModel(model, peft_config, adapter_name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -214,12 +63,31 @@ class PeftModel(Wrapper):
         return self.base_model.peft_config
 
     @property
-    def active_adapter(self) -> str:
+    def active_adapter(self) -> Union[str, list[str]]:
         return self.base_model.active_adapter
 
     @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.active_adapters)
+
+    @property
     def active_peft_config(self) -> LoraConfig:
-        return self.peft_config[self.active_adapter]
+        return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Names of the modules trained in full and saved with the adapters (as peft's)."""
+        names = {n for c in self.peft_config.values() for n in (c.modules_to_save or [])}
+        return names or None
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the frozen base is quantized (the adapters are full precision either way)."""
+        return bool(getattr(self.get_base_model(), "is_quantized", False))
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.get_base_model(), "dtype", None)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
@@ -244,12 +112,32 @@ class PeftModel(Wrapper):
 
     # --- adapters ---------------------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        peft_config = interop.from_peft_config(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = _name_or_path(self.get_base_model())
         self.base_model.inject_adapter(peft_config, adapter_name)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        """Make an adapter (or several, whose outputs add up) the active and trainable one(s)."""
         self.base_model.set_adapter(adapter_name)
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Make these adapters' weights trainable or frozen, whether they are active or not (as peft's)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names:
+            self.base_model._check_name(name)
+        for n, p in self.named_parameters():
+            if any(f".{a}." in n for a in names) and (".lora_" in n or ".modules_to_save." in n):
+                p.requires_grad_(requires_grad)
+
+    def enable_adapter_layers(self) -> None:
+        self.base_model.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        self.base_model.disable_adapter_layers()
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        self.base_model.add_weighted_adapter(*args, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -298,11 +186,16 @@ class PeftModel(Wrapper):
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      config: Optional[LoraConfig] = None, **hub_kwargs: Any) -> None:
-        """Add the adapter saved in `model_id` under `adapter_name` (it does not become active)."""
+        """Add the adapter saved in `model_id` under `adapter_name` (it does not become active). Into an adapter of
+        that name that exists already, only the weights are loaded (how the Trainer resumes from a checkpoint)."""
         config = config or LoraConfig.from_pretrained(model_id, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = resolve_adapter_file(model_id, WEIGHTS_NAME, **hub_kwargs)
         file_state = load_file(weights)  # validate the file before touching the model
+        if adapter_name in self.peft_config:
+            set_peft_model_state_dict(self, file_state, adapter_name, source=weights)
+            self.set_requires_grad(adapter_name, is_trainable and adapter_name in self.active_adapters)
+            return
         self.base_model.inject_adapter(config, adapter_name)
         try:
             set_peft_model_state_dict(self, file_state, adapter_name, source=weights)
@@ -311,6 +204,20 @@ class PeftModel(Wrapper):
             raise
         if not is_trainable:
             self.eval()
+
+    def push_to_hub(self, repo_id: str, private: Optional[bool] = None, token: Optional[str] = None,
+                    commit_message: str = "Upload adapter", **kwargs: Any) -> Any:
+        """Upload the adapter files (adapter_config.json, adapter_model.safetensors; nothing of the base) to a hub
+        repository, as peft's push_to_hub does."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
@@ -330,10 +237,9 @@ class PeftModel(Wrapper):
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
                    **_: Any) -> PeftModel:
-    """Wrap `model`'s targeted linear layers with LoRA; only the adapters are left trainable."""
-    if not isinstance(peft_config, LoraConfig):
-        raise TypeError(f"peft_config must be a scalora LoraConfig, not {type(peft_config).__name__}")
-    return PeftModel(model, peft_config, adapter_name)
+    """Wrap `model`'s targeted linear layers with LoRA; only the adapters are left trainable. `peft_config` is
+    scalora's LoraConfig or peft's (converted field for field)."""
+    return PeftModel(model, interop.from_peft_config(peft_config), adapter_name)
 
 
 def _with_inference_mode(config: LoraConfig, value: bool) -> LoraConfig:
@@ -345,13 +251,3 @@ def _with_inference_mode(config: LoraConfig, value: bool) -> LoraConfig:
 def _name_or_path(model: nn.Module) -> Optional[str]:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
-
-
-def _has_suffix(model: nn.Module, suffix: str) -> bool:
-    return any(n == suffix or n.endswith("." + suffix) for n, _ in model.named_modules())
-
-
-def _set_submodule(root: nn.Module, key: str, module: nn.Module) -> None:
-    parent_name, _, child = key.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)

@@ -5,10 +5,16 @@ The LoRA forward never looks at the base kind; only merging does, through `dense
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
 from torch import nn
+
+# On AVX512-BF16 CPUs bitsandbytes warns at import that it cannot fetch a kernel for its packed 4-bit CPU format
+# ("Failed to load CPU gemm_4bit_forward from kernels-community"): scalora keeps that format off (see
+# keep_4bit_weights_plain), so the warning only misleads.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 try:  # bitsandbytes is a runtime dependency, but keep the core importable where its native library is broken
     import bitsandbytes as bnb
