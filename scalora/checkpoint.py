@@ -30,6 +30,7 @@ import torch
 
 from . import faults, sharding
 from .config import ConfigError, RunConfig, build_config
+from .core.errors import UserError
 from .core.peft_model import PeftModel
 
 MANIFEST = "manifest.json"
@@ -39,7 +40,7 @@ FORMAT = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
@@ -75,6 +76,10 @@ def verify(path: str, checksums: bool = True) -> Optional[str]:
         return "no manifest.json (the write did not finish)"
     except (OSError, ValueError) as e:
         return f"unreadable manifest.json ({e})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        return (f"a manifest of checkpoint format {found!r}, expected {FORMAT} (written by another version of scalora, "
+                "or not a scalora checkpoint)")
     for rel, meta in manifest.get("files", {}).items():
         full = os.path.join(path, rel)
         if not os.path.isfile(full):
@@ -99,12 +104,27 @@ def checkpoints(out_dir: str) -> list[tuple[int, str]]:
 
 
 def latest(out_dir: str) -> Optional[str]:
-    """The newest checkpoint that passes the full checksum check (a damaged one is skipped with a warning)."""
-    for _, path in reversed(checkpoints(out_dir)):
+    """The newest checkpoint that passes the full checksum check; a damaged one is skipped with a warning for the one
+    before. A checkpoint of another format, or checkpoints that are all damaged, are refused: starting the run
+    again from step 0 would throw its history away."""
+    root = os.path.join(out_dir, "checkpoints")
+    folders = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n)) if os.path.isdir(root) else []
+    damaged = []
+    for name in reversed(folders):
+        path = os.path.join(root, name)
         problem = verify(path)
         if problem is None:
             return path
+        if "checkpoint format" in problem:
+            raise CheckpointError(f"checkpoint {path} has {problem}; resume it with the scalora that wrote it, or "
+                                  "pass train.overwrite=true to start a new run here")
+        if problem.startswith("no manifest.json"):
+            continue  # a write that did not finish: never was a checkpoint
         warnings.warn(f"skipping checkpoint {path}: {problem}")
+        damaged.append(f"{name}: {problem}")
+    if damaged:
+        raise CheckpointError(f"every checkpoint in {root} is damaged ({'; '.join(damaged)}): delete them to start the "
+                              "run again from step 0, or pass train.overwrite=true")
     return None
 
 
@@ -206,9 +226,7 @@ def read_state(path: str) -> dict[str, Any]:
 
 def load(accelerator, model, optimizer, path: str) -> dict[str, Any]:
     """Restore the adapter and its optimizer state (any world size); returns the loop state."""
-    from safetensors.torch import load_file
-
-    from .core.adapter_io import adapter_key_map
+    from .core.adapter_io import adapter_key_map, read_tensors
 
     problem = verify(path)
     if problem:
@@ -216,7 +234,7 @@ def load(accelerator, model, optimizer, path: str) -> dict[str, Any]:
     unwrapped: PeftModel = accelerator.unwrap_model(model)
     state = read_state(path)
     weights = os.path.join(path, "adapter", "adapter_model.safetensors")
-    file_tensors = load_file(weights)
+    file_tensors = read_tensors(weights, "the adapter of a scalora checkpoint")
     names = {name for name, _ in sharding.trainable(unwrapped)}
     key_map = {m: f for f, m in adapter_key_map(unwrapped, "default", unwrapped.peft_config["default"]).items()}
     missing = sorted(n for n in names if key_map.get(n) not in file_tensors)
@@ -229,7 +247,8 @@ def load(accelerator, model, optimizer, path: str) -> dict[str, Any]:
         if tuple(params[n].shape) != shape:
             raise CheckpointError(f"checkpoint {path}: {n} has shape {tuple(params[n].shape)}, the model {shape}")
     sharding.scatter_params(unwrapped, params)
-    sharding.scatter_optimizer_state(unwrapped, optimizer, load_file(os.path.join(path, OPTIMIZER_FILE)),
+    optimizer_state = read_tensors(os.path.join(path, OPTIMIZER_FILE), "a scalora checkpoint's optimizer state")
+    sharding.scatter_optimizer_state(unwrapped, optimizer, optimizer_state,
                                      state.get("optimizer_scalars", {}))
     return state
 
@@ -285,14 +304,14 @@ def prepare_output_dir(cfg: RunConfig, out: str) -> tuple[Optional[str], bool]:
     if cfg.train.overwrite:
         return None, True
     if not same_run(saved, cfg):
-        raise ValueError(f"{out} holds a run with a different config ({saved}); choose another train.output_dir, "
+        raise UserError(f"{out} holds a run with a different config ({saved}); choose another train.output_dir, "
                          "or pass train.overwrite=true to replace it")
     if cfg.train.resume != "auto":
-        raise ValueError(f"{out} already holds this run; pass train.resume=auto to continue it or "
+        raise UserError(f"{out} already holds this run; pass train.resume=auto to continue it or "
                          "train.overwrite=true to start again")
     path = latest(out)
     if path and not same_run(os.path.join(path, "config.yaml"), cfg):
-        raise ValueError(f"checkpoint {path} was written by a run with a different config ({path}/config.yaml); "
+        raise UserError(f"checkpoint {path} was written by a run with a different config ({path}/config.yaml); "
                          "resume with that config, or pass train.overwrite=true to start a new run here")
     return path, False
 

@@ -11,7 +11,8 @@ if __name__ == "__main__" and not __package__:  # run as a file: `accelerate lau
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "scalora"
 
-from .config import ConfigError, help_text, load_config  # noqa: E402
+from .config import help_text, load_config  # noqa: E402
+from .core.errors import UserError  # noqa: E402
 
 
 def _split_config(args: argparse.Namespace) -> None:
@@ -22,35 +23,48 @@ def _split_config(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import preflight
+
     _split_config(args)
     cfg = load_config(args.config, args.overrides)
-    if cfg.dist.launch_config and "ACCELERATE_LAUNCH" not in os.environ and "LOCAL_RANK" not in os.environ:
-        return _relaunch(args, cfg)
-    from .train import NonFiniteLoss, train
+    in_worker = "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCH" in os.environ
+    if cfg.dist.launch_config and not in_worker:
+        from .dist import launch_file
 
-    try:
-        train(cfg)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        path = launch_file(cfg.dist.launch_config)
+        preflight.check(cfg, cfg.dist.num_processes, preflight.launch_settings(path))
+        return _relaunch(args, path, cfg.dist.num_processes)
+    if not in_worker:
+        preflight.check(cfg)  # every input, before the model loads
+    from .train import train
+
+    train(cfg)
     return 0
 
 
-def _relaunch(args: argparse.Namespace, cfg) -> int:
-    """`scalora train` with dist.launch_config: start the same command under `accelerate launch`."""
+def _relaunch(args: argparse.Namespace, launch_path: str, processes: int) -> int:
+    """`scalora train` with dist.launch_config: start the same command under `accelerate launch`. A worker's error
+    is shown once, as the worker printed it; the launcher's traceback that follows it is dropped."""
     import subprocess
 
-    from .dist import launch_file
-
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_file(cfg.dist.launch_config),
-           "--num_processes", str(cfg.dist.num_processes), "-m", "scalora", "train"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_path,
+           "--num_processes", str(processes), "-m", "scalora"] + (["--debug"] if args.debug else []) + ["train"]
     cmd += ([args.config] if args.config else []) + list(args.overrides)
     env = dict(os.environ, ACCELERATE_LAUNCH="1")
     import torch
 
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed on a CPU-only machine
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace")
+    worker_error = False
+    for line in proc.stderr:
+        if line.startswith("error (rank "):
+            worker_error = True
+        elif worker_error and not args.debug:
+            continue  # the launcher's report of the failed worker: the worker's own message says it all
+        sys.stderr.write(line)
+    code = proc.wait()
+    return 2 if worker_error and code else code
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -58,7 +72,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     _split_config(args)
     if args.gpus < 1 or args.nodes < 1:
-        raise ValueError("--gpus and --nodes must be at least 1")
+        raise UserError("--gpus and --nodes must be at least 1")
     return plan.main(args)
 
 
@@ -67,6 +81,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     from .model import load_as_trained
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder for the merged model (it is created if missing)")
     model, tokenizer, _, how = load_as_trained(args.adapter, args.base, args.config, args.full_precision,
                                                args.trust_remote_code)
     base = model.get_base_model()
@@ -91,7 +107,7 @@ def _generate(args: argparse.Namespace) -> int:
         with open(args.prompts_file) as f:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
-        raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise UserError("give --prompt TEXT (repeatable) or --prompts-file FILE")
     model, tokenizer, _, how = load_as_trained(args.adapter, args.base, args.config, args.full_precision)
     print(f"base loaded {how}", file=sys.stderr)
     embedding = model.get_base_model().get_input_embeddings().weight
@@ -118,6 +134,8 @@ def _launch_file(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scalora", description="QLoRA fine-tuning with PEFT-format adapters.")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also: SCALORA_DEBUG=1, which reaches launched processes)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a LoRA adapter on a quantized base",
@@ -178,13 +196,97 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# --- the error boundary: every command, every process ----------------------------------------------------------
+_FILE_ERRORS = {FileNotFoundError: "does not exist", IsADirectoryError: "is a folder where a file was expected",
+                NotADirectoryError: "is not a folder", PermissionError: "cannot be accessed (permission denied)",
+                FileExistsError: "exists already (and is not a folder)"}
+
+
+def user_message(e: BaseException) -> Optional[tuple[str, int]]:
+    """(message, exit status) for an error the user caused and can fix: 2 for bad input, 3 for a non-finite loss.
+    None for anything else: a failure scalora did not foresee, reported with its traceback."""
+    import errno
+
+    from .train import NonFiniteLoss
+
+    if isinstance(e, NonFiniteLoss):
+        return str(e), 3
+    if isinstance(e, UserError):
+        return str(e), 2
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"the disk is full ({e.filename or 'while writing'}): free space and run the same command again "
+                "(a run resumes from its last checkpoint)"), 2
+    for kind, what in _FILE_ERRORS.items():
+        if isinstance(e, kind):  # scalora's own carry a whole message; the operating system's name the file
+            return (f"{e.filename}: {what}" if e.filename else str(e)), 2
+    if isinstance(e, ValueError):  # a library refusing a value the config passed on (e.g. an attention kernel)
+        return f"{e} (this came from a library scalora called; --debug shows where)", 2
+    return None
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crash", "NCCL communicator was "
+              "aborted", "Broken pipe")
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """A collective broken because another process of the run died: that process's own message is the one to read."""
+    import torch
+
+    if _rank() is None:
+        return False
+    return isinstance(e, getattr(torch.distributed, "DistError", ())) or \
+        (isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_GONE))
+
+
+def _rank() -> Optional[tuple[int, int]]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+
+
+def _print_error(message: str) -> None:
+    """The message, once: under a launcher every process that fails prints it, named by rank, unless another
+    process of this launcher on this node printed the same message already."""
+    rank = _rank()
+    if rank is None:
+        print(f"error: {message}", file=sys.stderr)
+        return
+    import fcntl
+    import tempfile
+
+    message = " ".join(line.strip() for line in message.splitlines())  # one line: the launcher's output interleaves
+    key = f"{os.getppid()}-{os.environ.get('MASTER_PORT', '')}-{os.environ.get('TORCHELASTIC_RUN_ID', '')}"
+    with open(os.path.join(tempfile.gettempdir(), f"scalora-errors-{key}"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        if message + "\0" in f.read():
+            return
+        f.write(message + "\0")
+        f.flush()
+    print(f"error (rank {rank[0]} of {rank[1]}): {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("SCALORA_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _peer_failed(e) and not debug:
+            return 1  # silent: the process that failed first printed why (or the launcher reports how it died)
+        known = user_message(e)
+        if debug or known is None:
+            import traceback
+
+            traceback.print_exc()
+        if known is None:
+            _print_error(f"an unexpected {type(e).__name__} (traceback above): this is a bug in scalora. Please "
+                         "report it with the command, the traceback and `pip freeze`, to scalora's issue tracker")
+            return 1
+        _print_error(known[0])
+        return known[1]
 
 
 if __name__ == "__main__":

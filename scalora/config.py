@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .core.errors import UserError
 from .core.lora_config import LoraConfig, adapter_problems
 
 BUILTIN_MODEL = "builtin:tiny-llama"
@@ -152,12 +154,15 @@ class RunConfig:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """Every problem found in a run config, one per line."""
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def _nearest(key: str, options: list[str]) -> str:
@@ -180,8 +185,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
                                                for k, v in value.items())
     if tp is type(None):
         return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is float:  # a finite number: YAML's .inf / .nan are no learning rate, dropout or ratio
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)
@@ -192,11 +197,11 @@ def _accepts_float(tp: Any) -> bool:
 
 
 def _is_number(text: str) -> bool:
+    """A finite number written as text (YAML 1.1 leaves `1e-4` a string); not "inf" or "nan", which float() takes."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def _describe(tp: Any) -> str:
@@ -209,6 +214,8 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(args[0])}"
     if origin is dict:
         return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
+    if tp is float:
+        return "a finite number"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 

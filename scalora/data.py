@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .config import BUILTIN_DATA, DataConfig
+from .core.errors import UserError
 
 IGNORE = -100
 TOPICS_DIR = Path(__file__).parent / "assets" / "topics"  # builtin:topics (scalora/builtin.py writes it)
@@ -30,7 +31,7 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError):
     pass
 
 
@@ -41,8 +42,13 @@ def _builtin_file(split: str) -> str:
 
 def _check_jsonl(path: str) -> None:
     """Name the first malformed line: `datasets` alone reports a byte offset deep in pyarrow."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {i}: not UTF-8 text ({e.reason} at byte {e.start}); a .jsonl file is "
+                                "UTF-8 JSON, one object per line: re-save it as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -52,6 +58,11 @@ def _check_jsonl(path: str) -> None:
                                 "each line of a .jsonl file must be one JSON object") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {i}: a JSON {type(row).__name__}, expected an object with fields")
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_records(path: str):
@@ -64,7 +75,11 @@ def read_records(path: str):
         raise DataError(f"data file {path!r} does not exist; give a .jsonl/.json/.parquet/.csv file, a folder "
                         f"written by datasets' save_to_disk, or {BUILTIN_DATA}")
     if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:
+            raise DataError(f"{path} is a folder but not one written by datasets' save_to_disk "
+                            f"({_first_line(e)}); give a data file or a save_to_disk folder") from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise DataError(f"{path} holds splits {list(ds)}; point at one split's folder")
@@ -80,8 +95,8 @@ def read_records(path: str):
             _check_jsonl(path)
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train")
-        except Exception as e:  # pyarrow's messages are long; keep the cause
-            raise DataError(f"{path} could not be read as {builder}: {e}") from None
+        except Exception as e:  # pyarrow's messages are long: keep the cause's first line
+            raise DataError(f"{path} could not be read as {builder}: {_first_line(e)}") from None
     if len(ds) == 0:
         raise DataError(f"{path} holds no records")
     return ds
@@ -106,6 +121,33 @@ def detect_format(columns: list[str], cfg: DataConfig, source: str) -> str:
     raise DataError(f"{source}: cannot tell the format from fields {columns}. Expected '{cfg.text_field}' (text), "
                     f"'{cfg.instruction_field}' + '{cfg.output_field}' (instruction) or '{cfg.messages_field}' "
                     "(chat); set data.format and the data.*_field names")
+
+
+_TEXT = ("string", "large_string")
+_NUMBER = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32", "float64")
+
+
+def check_fields(ds, fmt: str, cfg: DataConfig, source: str) -> None:
+    """Refuse records whose fields cannot be tokenized (wrong types, missing values), naming the field."""
+    if fmt == "chat":
+        bad = [i for i, m in enumerate(ds[cfg.messages_field][:1000]) if not isinstance(m, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in m)]
+        if bad:
+            raise DataError(f"{source}, record {bad[0] + 1}: '{cfg.messages_field}' must be a list of "
+                            "{\"role\": ..., \"content\": ...} messages with text in both")
+        return
+    wanted = {cfg.text_field: _TEXT} if fmt == "text" else {cfg.instruction_field: _TEXT,
+                                                             cfg.output_field: _TEXT + _NUMBER}
+    if fmt == "instruction" and cfg.input_field in ds.column_names:
+        wanted[cfg.input_field] = _TEXT + ("null",)
+    for field, types in wanted.items():
+        dtype = getattr(ds.features[field], "dtype", type(ds.features[field]).__name__)
+        if dtype not in types:
+            raise DataError(f"{source}: field '{field}' holds {dtype} values, expected text; fix the data or point "
+                            f"data.{'text' if fmt == 'text' else field}_field at the right field")
+        nulls = ds.data.column(field).null_count if "null" not in types else 0
+        if nulls:
+            raise DataError(f"{source}: {nulls} record(s) have no '{field}' (null or missing); every record needs one")
 
 
 # --- tokenizing ------------------------------------------------------------------------------------------------
@@ -307,10 +349,11 @@ class Datasets:
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
     train_ds = read_records(cfg.train_file)
     fmt = detect_format(list(train_ds.column_names), cfg, cfg.train_file)
+    check_fields(train_ds, fmt, cfg, cfg.train_file)
     val_file = cfg.validation_file or (_builtin_file("validation") if cfg.train_file == BUILTIN_DATA else None)
     if val_file is not None:
         val_ds = read_records(val_file)
-        detect_format(list(val_ds.column_names), cfg, val_file)
+        check_fields(val_ds, detect_format(list(val_ds.column_names), cfg, val_file), cfg, val_file)
     elif cfg.validation_fraction > 0 and len(train_ds) > 1:
         split = train_ds.train_test_split(test_size=cfg.validation_fraction, seed=seed)
         train_ds, val_ds = split["train"], split["test"]

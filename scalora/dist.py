@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from .core.errors import UserError
+
 
 LAUNCH_DIR = Path(__file__).parent / "launch"  # the shipped accelerate launch files
 
@@ -23,7 +25,7 @@ def launch_file(name_or_path: str) -> str:
     shipped = LAUNCH_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
     if shipped.is_file() and os.sep not in name_or_path.removeprefix("launch/"):
         return str(shipped)
-    raise ValueError(f"launch file {name_or_path!r} does not exist; give the path of an accelerate launch file or "
+    raise UserError(f"launch file {name_or_path!r} does not exist; give the path of an accelerate launch file or "
                      f"the name of a shipped one: {', '.join(shipped_launch_files())}")
 
 
@@ -89,12 +91,12 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int) -> int:
     """Micro-batches per optimizer step on each process, so that every step sees `global_batch` examples. A launcher
     setting (`accelerate launch --gradient_accumulation_steps`) that disagrees is refused, not obeyed in silence."""
     if global_batch % (micro_batch * world):
-        raise ValueError(f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size="
+        raise UserError(f"train.global_batch_size={global_batch} is not divisible by train.micro_batch_size="
                          f"{micro_batch} x {world} processes: change one of them so that it divides")
     accum = global_batch // (micro_batch * world)
     asked = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") or _launcher_option("--gradient_accumulation_steps")
     if asked not in (None, "", "auto") and asked != str(accum):
-        raise ValueError(f"the launcher sets gradient_accumulation_steps={asked}, but scalora takes {accum} from "
+        raise UserError(f"the launcher sets gradient_accumulation_steps={asked}, but scalora takes {accum} from "
                          f"train.global_batch_size={global_batch} / (train.micro_batch_size={micro_batch} x {world} "
                          "processes): drop --gradient_accumulation_steps (or the launch file's gradient_accumulation_"
                          "steps) and set train.global_batch_size or train.micro_batch_size instead")
@@ -124,20 +126,21 @@ def _launcher_option(option: str) -> Optional[str]:
 _MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def launcher_precision(model_dtype: str, dtype: torch.dtype, why: str) -> tuple[torch.dtype, str]:
+def launcher_precision(model_dtype: str, dtype: torch.dtype, why: str, asked: Optional[str] = None
+                       ) -> tuple[torch.dtype, str]:
     """The compute dtype after accelerate's mixed_precision from the launcher (`--mixed_precision`, a launch file's
-    `mixed_precision`). 'no' is accelerate's default and says nothing; bf16 / fp16 are taken where model.dtype is
-    auto and refused where model.dtype names another dtype."""
-    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    `mixed_precision`; `asked`, else the environment the launcher set). 'no' is accelerate's default and says
+    nothing; bf16 / fp16 are taken where model.dtype is auto and refused where model.dtype names another dtype."""
+    asked = str(asked if asked is not None else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
     if asked in ("no", ""):
         return dtype, why
     if asked not in _MIXED:
-        raise ValueError(f"the launcher asks for mixed_precision={asked}: scalora computes in bf16, fp16 or fp32; "
+        raise UserError(f"the launcher asks for mixed_precision={asked}: scalora computes in bf16, fp16 or fp32; "
                          "launch with --mixed_precision bf16, fp16 or no, or set model.dtype")
     if model_dtype == "auto":
         return _MIXED[asked], f"auto: the launcher's mixed_precision={asked}"
     if _MIXED[asked] != dtype:
-        raise ValueError(f"the launcher asks for mixed_precision={asked}, but model.dtype={model_dtype}: set "
+        raise UserError(f"the launcher asks for mixed_precision={asked}, but model.dtype={model_dtype}: set "
                          f"model.dtype={str(_MIXED[asked]).removeprefix('torch.')} (or auto, to take the launcher's), "
                          "or launch with mixed_precision 'no'")
     return dtype, why
@@ -197,6 +200,14 @@ def topology(accelerator) -> str:
 def check_topology(accelerator, cfg) -> None:
     """Refuse, before any model is loaded, combinations that fail deep inside DeepSpeed or FSDP later."""
     kind = topology(accelerator)
+    problems = topology_problems(kind, cfg)
+    if problems:
+        raise UserError(f"this run cannot work under {kind} ({accelerator.num_processes} processes):\n  - "
+                        + "\n  - ".join(problems))
+
+
+def topology_problems(kind: str, cfg) -> list[str]:
+    """What in the run config cannot work under `kind` (single, ddp, zero2, zero3, fsdp), each with the fix."""
     problems = []
     sharded = kind in ("zero2", "zero3", "fsdp")
     if sharded and cfg.train.optimizer != "adamw":
@@ -211,37 +222,50 @@ def check_topology(accelerator, cfg) -> None:
     if kind.startswith("zero") and cfg.train.on_nonfinite == "skip":
         problems.append("train.on_nonfinite=skip: DeepSpeed steps the optimizer inside backward, so a step cannot "
                         "be skipped; use train.on_nonfinite=stop (the run resumes from its last checkpoint)")
-    if problems:
-        raise ValueError(f"this run cannot work under {kind} ({accelerator.num_processes} processes):\n  - "
-                         + "\n  - ".join(problems))
+    return problems
 
 
-def fill_deepspeed_config(accelerator, cfg, accum: int, dtype: torch.dtype) -> None:
-    """Give DeepSpeed's "auto" fields scalora's values (accelerate fills them only from a DataLoader) and refuse a
-    DeepSpeed value that disagrees with the run config (accelerate would let it override scalora's, silently)."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    ds, t = plugin.deepspeed_config, cfg.train
-    values = {"train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
-              "gradient_accumulation_steps": (accum, "train.global_batch_size (or train.micro_batch_size)"),
-              "train_batch_size": (t.micro_batch_size * accum * accelerator.num_processes, "train.global_batch_size"),
-              "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm")}
+def _deepspeed_values(cfg, accum: int, world: int) -> dict[str, tuple[Any, str]]:
+    t = cfg.train
+    return {"train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+            "gradient_accumulation_steps": (accum, "train.global_batch_size (or train.micro_batch_size)"),
+            "train_batch_size": (t.micro_batch_size * accum * world, "train.global_batch_size"),
+            "gradient_clipping": (t.max_grad_norm, "train.max_grad_norm")}
+
+
+def deepspeed_problems(ds: dict[str, Any], cfg, accum: int, world: int, dtype: Optional[torch.dtype]) -> list[str]:
+    """What in a DeepSpeed config disagrees with the run config (accelerate would let it override scalora's value,
+    silently); dtype None: not known yet."""
     problems = [f"{key}={ds[key]} (scalora's: {mine}; set {key_name} instead)"
-                for key, (mine, key_name) in values.items()
+                for key, (mine, key_name) in _deepspeed_values(cfg, accum, world).items()
                 if ds.get(key, "auto") != "auto" and float(ds[key]) != float(mine)]
     for section, wanted in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         enabled = (ds.get(section) or {}).get("enabled", "auto")
-        if enabled != "auto" and bool(enabled) != (dtype == wanted):
+        if dtype is not None and enabled != "auto" and bool(enabled) != (dtype == wanted):
             problems.append(f"{section}.enabled={enabled} (scalora computes in {str(dtype).removeprefix('torch.')}; "
                             "set model.dtype instead)")
     if "optimizer" in ds or "scheduler" in ds:
         problems.append("an optimizer or scheduler (scalora builds both from train.optimizer and train.schedule)")
+    return problems
+
+
+def deepspeed_error(problems: list[str]) -> UserError:
+    return UserError("the DeepSpeed config disagrees with the run config, which is the one source of truth for batch "
+                     "sizes, accumulation, clipping and precision: remove these from the DeepSpeed config (or make "
+                     "them \"auto\"):\n  - " + "\n  - ".join(problems))
+
+
+def fill_deepspeed_config(accelerator, cfg, accum: int, dtype: torch.dtype) -> None:
+    """Give DeepSpeed's "auto" fields scalora's values (accelerate fills them only from a DataLoader) and refuse a
+    DeepSpeed value that disagrees with the run config."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    problems = deepspeed_problems(ds, cfg, accum, accelerator.num_processes, dtype)
     if problems:
-        raise ValueError("the DeepSpeed config disagrees with the run config, which is the one source of truth for "
-                         "batch sizes, accumulation, clipping and precision: remove these from the DeepSpeed config "
-                         "(or make them \"auto\"):\n  - " + "\n  - ".join(problems))
-    for key, (mine, _) in values.items():
+        raise deepspeed_error(problems)
+    for key, (mine, _) in _deepspeed_values(cfg, accum, accelerator.num_processes).items():
         ds[key] = mine
 
 

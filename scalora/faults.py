@@ -2,7 +2,8 @@
 
 Points: `step` (after optimizer step <step>), `ckpt-adapter`, `ckpt-optimizer`, `ckpt-manifest`, `ckpt-rename`
 (inside the checkpoint write of <step>, see checkpoint.py), `nan` (the loss of <step> becomes NaN), `enospc` (the
-checkpoint write of <step> fails with "No space left on device"). `kill` points send SIGKILL to the process itself.
+checkpoint write of <step> fails with "No space left on device"), `bug` (an unexpected exception after <step>, as a
+bug in scalora would raise). `kill` points send SIGKILL to the process itself.
 With SCALORA_FAULT_ONCE=<file>, a fault fires only if <file> does not exist, and creates it (for restart tests).
 Unset (always, outside tests), `hit` is one dictionary lookup.
 """

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from .config import BUILTIN_MODEL, RunConfig
+from .core.errors import UserError
 from .core.lora_config import LoraConfig
 from .core.peft_model import PeftModel, get_peft_model
 from .hardware import compute_dtype
@@ -38,7 +39,7 @@ def resolve_model_path(name_or_path: str, config_only: bool = False) -> str:
         return str(shipped)
     if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
         hint = f", or one of the shipped configs: {', '.join(shipped_configs())}" if config_only else ""
-        raise ValueError(f"model.name_or_path={name_or_path!r} could not be loaded: no such folder. Give a folder "
+        raise UserError(f"model.name_or_path={name_or_path!r} could not be loaded: no such folder. Give a folder "
                          f"written by save_pretrained, a hub id such as 'Qwen/Qwen2.5-7B', or {BUILTIN_MODEL}{hint}")
     return name_or_path  # a hub id
 
@@ -78,7 +79,7 @@ def load_hf_config(cfg: RunConfig, path: str):
                                           trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
         hint = " (it is not a local folder; offline, only local folders load)" if not os.path.isdir(path) else ""
-        raise ValueError(f"model.name_or_path={path!r} could not be loaded{hint}: {e}") from None
+        raise UserError(f"model.name_or_path={path!r} could not be loaded{hint}: {e}") from None
 
 
 def run_compute_dtype(cfg: RunConfig, path: str) -> tuple[torch.dtype, str]:
@@ -105,7 +106,7 @@ def load_base(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, **kwargs)
     except ValueError as e:
         if "Unrecognized configuration class" in str(e):
-            raise ValueError(f"{path} is a {type(hf_config).__name__} model, not a causal language model: "
+            raise UserError(f"{path} is a {type(hf_config).__name__} model, not a causal language model: "
                              "scalora fine-tunes causal LMs (AutoModelForCausalLM)") from None
         raise
     return model
@@ -173,7 +174,11 @@ def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Option
     the trained model's; with `full_precision` (or no run config to be found) the original weights in fp32."""
     from .config import load_config
 
+    from .core.adapter_io import read_tensors
+    from .core.lora_config import WEIGHTS_NAME, resolve_adapter_file
+
     adapter_cfg = LoraConfig.from_pretrained(adapter_dir)
+    read_tensors(resolve_adapter_file(adapter_dir, WEIGHTS_NAME))  # a damaged adapter is named before the base loads
     run_yaml = config or run_config_of(adapter_dir)
     overrides = [f"model.trust_remote_code={str(trust_remote_code).lower()}"] if trust_remote_code else []
     if full_precision or run_yaml is None:
@@ -187,7 +192,7 @@ def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Option
     name = base or (cfg.model.name_or_path if run_yaml and not full_precision else None) \
         or adapter_cfg.base_model_name_or_path
     if not name:
-        raise ValueError(f"{adapter_dir}/adapter_config.json names no base model: pass --base PATH")
+        raise UserError(f"{adapter_dir}/adapter_config.json names no base model: pass --base PATH")
     path = resolve_model_path(name)
     dtype = run_compute_dtype(cfg, path)[0]
     model = load_base(cfg, path, device_map={"": "cuda:0"} if torch.cuda.is_available() else None, dtype=dtype)

@@ -22,6 +22,7 @@ import torch
 
 from . import checkpoint, dist, faults, sharding
 from .config import RunConfig
+from .core.errors import UserError
 from .data import Datasets, build_datasets, count_loss_tokens, device_batch, needs_block_mask
 from .evaluate import describe, validate
 from .hardware import cpu_features
@@ -154,7 +155,7 @@ def setup(cfg: RunConfig) -> Run:
 def _total_steps(cfg: RunConfig, n_train: int) -> int:
     G = cfg.train.global_batch_size
     if n_train < G:
-        raise ValueError(f"the training set has {n_train} {'rows' if cfg.data.packing else 'examples'}, "
+        raise UserError(f"the training set has {n_train} {'rows' if cfg.data.packing else 'examples'}, "
                          f"fewer than train.global_batch_size={G}: lower the batch size or add data")
     return cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * (n_train // G)))
 
@@ -189,6 +190,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         skipped += skip
         done = step + 1
         faults.maybe_kill("step", done)
+        if faults.hit("bug", done):
+            raise RuntimeError(f"fault injected after step {done} (SCALORA_FAULT_INJECT=bug@{done})")
         if not torch.isfinite(step_loss) and t.on_nonfinite == "stop":
             raise NonFiniteLoss(f"step {done}: the training loss is {step_loss.item()} (non-finite); stopped with "
                                 f"nothing written after the last checkpoint. Resume with a lower train.lr, or set "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -60,3 +61,22 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def losses(out) -> dict[int, float]:
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+# The fault and bad-input tests' run: 6 steps, a checkpoint after every step, validation loss at step 3.
+ARGS = ["train.max_steps=6", "train.save_every=1", "train.save_total_limit=2", "train.eval_every=3",
+        "data.max_eval_generate=0", "train.schedule=cosine", "train.warmup_ratio=0.2", "train.log_every=1",
+        "log.report_to=none"]
+
+
+def train_args(out, *extra):
+    return ["train", "configs/tiny.yaml", *ARGS, f"train.output_dir={out}", *extra]
+
+
+def tree_digest(root) -> dict[str, str]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out

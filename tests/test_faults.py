@@ -20,18 +20,9 @@ import torch
 
 from scalora import checkpoint
 
-from helpers import DIST, adapter, launch_cmd, losses, run
+from helpers import DIST, adapter, launch_cmd, losses, run, train_args, tree_digest
 
 pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
-
-ARGS = ["train.max_steps=6", "train.save_every=1", "train.save_total_limit=2", "train.eval_every=3",
-        "data.max_eval_generate=0", "train.schedule=cosine", "train.warmup_ratio=0.2", "train.log_every=1",
-        "log.report_to=none"]
-
-
-def train_args(out, *extra):
-    return ["train", "configs/tiny.yaml", *ARGS, f"train.output_dir={out}", *extra]
-
 
 def faulty(env, spec, once=None):
     e = dict(env["env"], SCALORA_FAULT_INJECT=spec)
@@ -52,15 +43,6 @@ def assert_same_run(out, ref):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert history(out) == history(ref)
-
-
-def tree_digest(root) -> dict[str, str]:
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")

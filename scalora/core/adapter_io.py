@@ -7,8 +7,23 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .errors import UserError
 from .lora import LoraLayer, ModulesToSaveWrapper
 from .lora_config import LoraConfig
+
+
+def read_tensors(path: str, what: str = "an adapter_model.safetensors written by save_pretrained"
+                 ) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a UserError naming the file and what it should hold (a truncated copy, a
+    file of another kind, an unreadable one)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); expected {what}. It may be truncated "
+                        "(an interrupted copy or download) or another kind of file") from None
 
 
 def adapter_key_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, str]:
@@ -64,7 +79,7 @@ def set_peft_model_state_dict(model: nn.Module, file_state: dict[str, torch.Tens
     if bad_shape:
         problems.append(f"{len(bad_shape)} shape mismatch(es), e.g. {bad_shape[:3]}")
     if problems:
-        raise ValueError(f"{source} does not fit this base model:\n  - " + "\n  - ".join(problems)
+        raise UserError(f"{source} does not fit this base model:\n  - " + "\n  - ".join(problems)
                          + "\nLoad it on the base model it was trained on (see base_model_name_or_path in its "
                            "adapter_config.json) with the same target_modules and r.")
     with torch.no_grad():

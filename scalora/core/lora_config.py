@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
+
+from .errors import UserError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,7 +59,7 @@ def adapter_problems(c: Any) -> list[str]:
     p: list[str] = []
     if isinstance(c.r, bool) or not isinstance(c.r, int) or c.r <= 0:
         p.append(f"r={c.r!r}: the rank must be a positive integer, e.g. r=8")
-    if isinstance(c.lora_alpha, bool) or not isinstance(c.lora_alpha, (int, float)) or c.lora_alpha <= 0:
+    if isinstance(c.lora_alpha, bool) or not isinstance(c.lora_alpha, (int, float)) or not 0 < c.lora_alpha < math.inf:
         p.append(f"lora_alpha={c.lora_alpha!r}: must be a positive number, e.g. lora_alpha=16 (often 2*r)")
     if not isinstance(c.lora_dropout, (int, float)) or not 0 <= c.lora_dropout < 1:
         p.append(f"lora_dropout={c.lora_dropout!r}: must be in [0, 1), e.g. 0.05; 0 turns it off")
@@ -136,7 +139,7 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         problems = self._problems()
         if problems:
-            raise ValueError("Invalid LoraConfig:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise UserError("Invalid LoraConfig:\n" + "\n".join(f"  - {p}" for p in problems))
         self.peft_type = PeftType(self.peft_type)
         if self.task_type is not None:
             self.task_type = TaskType(self.task_type)
@@ -176,14 +179,18 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "the config") -> "LoraConfig":
+        if not isinstance(d, dict) or "peft_type" not in d:
+            what = "it has no peft_type" if isinstance(d, dict) else "not a JSON object"
+            raise UserError(f"{source} is not an adapter config ({what}); expected the adapter_config.json that "
+                            "scalora's or peft's save_pretrained writes")
         d = dict(d)
         peft_type = d.get("peft_type", "LORA")
         if peft_type != "LORA":
-            raise ValueError(f"{source} is a {peft_type} adapter; scalora loads LoRA adapters only")
+            raise UserError(f"{source} is a {peft_type} adapter; scalora loads LoRA adapters only")
         unsupported = [f"{k}={d[k]!r}" for k, off in _PEFT_FEATURES_OFF.items() if k in d and d[k] not in (off, None)
                        and not (off == {} and not d[k])]
         if unsupported:
-            raise ValueError(f"{source} uses peft features scalora does not implement: {', '.join(unsupported)}. "
+            raise UserError(f"{source} uses peft features scalora does not implement: {', '.join(unsupported)}. "
                              "Train or convert the adapter as plain LoRA.")
         known = {f.name for f in dataclasses.fields(cls)}
         # Newer peft versions add fields for other methods; left empty they turn nothing on.
@@ -201,7 +208,7 @@ class LoraConfig:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON ({e}); it should be an adapter_config.json") from e
+                raise UserError(f"{file} is not valid JSON ({e}); it should be an adapter_config.json") from e
         return cls.from_dict(d, source=file)
 
 
@@ -213,7 +220,8 @@ def resolve_adapter_file(path: str, filename: str, **hub_kwargs: Any) -> str:
             raise FileNotFoundError(f"{path} has no {filename}: is it a folder written by save_pretrained?")
         return file
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1:
-        raise FileNotFoundError(f"adapter folder {path!r} does not exist")
+        raise FileNotFoundError(f"adapter folder {path!r} does not exist; give the folder save_pretrained wrote "
+                                "(e.g. runs/NAME/final) or a hub id")
     from huggingface_hub import hf_hub_download
 
     return hf_hub_download(path, filename, **hub_kwargs)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import quant, targets
+from .errors import UserError
 from .lora import LoraLayer, ModulesToSaveWrapper, Wrapper
 from .lora_config import LoraConfig, TaskType
 
@@ -34,7 +35,7 @@ class LoraModel(Wrapper):
     # --- injection --------------------------------------------------------------------------------------------
     def inject_adapter(self, config: LoraConfig, adapter_name: str) -> None:
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name or "
+            raise UserError(f"an adapter named {adapter_name!r} already exists; pick another name or "
                              "delete_adapter it first")
         target_list = targets.resolve_targets(config, self.model)
         inside_wrappers = tuple(name + "." for name, m in self.model.named_modules()
@@ -44,11 +45,11 @@ class LoraModel(Wrapper):
             if not key or key.startswith(inside_wrappers) or not targets.is_target(key, config, target_list):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
-                raise ValueError(f"{key} is in modules_to_save of another adapter and cannot also take LoRA")
+                raise UserError(f"{key} is in modules_to_save of another adapter and cannot also take LoRA")
             if not isinstance(module, LoraLayer) and not quant.is_wrappable(module):
                 if isinstance(target_list, str):
                     continue  # a regex may match containers too; only linear layers are taken
-                raise ValueError(f"target {key!r} is a {type(module).__name__}; LoRA wraps linear layers only "
+                raise UserError(f"target {key!r} is a {type(module).__name__}; LoRA wraps linear layers only "
                                  "(nn.Linear, Conv1D, bitsandbytes Linear4bit / Linear8bitLt). Narrow "
                                  f"target_modules to linear layers, e.g. {targets.linear_names_hint(self.model)}")
             r = targets.pattern_value(config.rank_pattern, key, config.r)
@@ -102,7 +103,7 @@ class LoraModel(Wrapper):
 
     def _check_name(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
+            raise UserError(f"no adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}")
 
     @property
     def active_adapter(self) -> Union[str, list[str]]:
@@ -113,7 +114,7 @@ class LoraModel(Wrapper):
         """Make one adapter, or several (their outputs add up), the active and trainable ones."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         if not names:
-            raise ValueError(f"set_adapter needs an adapter name or a list of them; this model has "
+            raise UserError(f"set_adapter needs an adapter name or a list of them; this model has "
                              f"{sorted(self.peft_config)}")
         for name in names:
             self._check_name(name)

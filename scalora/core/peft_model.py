@@ -11,11 +11,12 @@ import os
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import interop
-from .adapter_io import get_peft_model_state_dict, set_peft_model_state_dict
+from .adapter_io import get_peft_model_state_dict, read_tensors, set_peft_model_state_dict
+from .errors import UserError
 from .lora import Wrapper
 from .lora_config import WEIGHTS_NAME, LoraConfig, resolve_adapter_file
 from .lora_model import LoraModel
@@ -169,9 +170,9 @@ class PeftModel(Wrapper, interop.peft_model_class()):
                         safe_serialization: bool = True, **_: Any) -> None:
         """Write each adapter in PEFT's format: "default" into `save_directory`, others into a sub-folder."""
         if not safe_serialization:
-            raise ValueError("scalora writes adapters as safetensors only (safe_serialization=True)")
+            raise UserError("scalora writes adapters as safetensors only (safe_serialization=True)")
         if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory} is a file; save_pretrained needs a folder path")
+            raise UserError(f"{save_directory} is a file; save_pretrained needs a folder path")
         for name in selected_adapters or list(self.peft_config):
             self.base_model._check_name(name)
             tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
@@ -191,7 +192,7 @@ class PeftModel(Wrapper, interop.peft_model_class()):
         config = config or LoraConfig.from_pretrained(model_id, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = resolve_adapter_file(model_id, WEIGHTS_NAME, **hub_kwargs)
-        file_state = load_file(weights)  # validate the file before touching the model
+        file_state = read_tensors(weights)  # validate the file before touching the model
         if adapter_name in self.peft_config:
             set_peft_model_state_dict(self, file_state, adapter_name, source=weights)
             self.set_requires_grad(adapter_name, is_trainable and adapter_name in self.active_adapters)
@@ -227,7 +228,7 @@ class PeftModel(Wrapper, interop.peft_model_class()):
         config = config or LoraConfig.from_pretrained(model_id, **hub_kwargs)
         config.inference_mode = not is_trainable
         weights = resolve_adapter_file(model_id, WEIGHTS_NAME, **hub_kwargs)
-        file_state = load_file(weights)
+        file_state = read_tensors(weights)
         peft_model = cls(model, config, adapter_name)
         set_peft_model_state_dict(peft_model, file_state, adapter_name, source=weights)
         if not is_trainable:

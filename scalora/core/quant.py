@@ -11,6 +11,8 @@ import warnings
 import torch
 from torch import nn
 
+from .errors import UserError
+
 # On AVX512-BF16 CPUs bitsandbytes warns at import that it cannot fetch a kernel for its packed 4-bit CPU format
 # ("Failed to load CPU gemm_4bit_forward from kernels-community"): scalora keeps that format off (see
 # keep_4bit_weights_plain), so the warning only misleads.
@@ -111,7 +113,7 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 def set_dense_weight(layer: nn.Module, new: torch.Tensor, what: str = "merged") -> None:
     """Write a full-precision weight back into the layer, re-quantizing a 4-bit or 8-bit base."""
     if not torch.isfinite(new).all():
-        raise ValueError(f"refusing to write a non-finite {what} weight into {type(layer).__name__}: "
+        raise UserError(f"refusing to write a non-finite {what} weight into {type(layer).__name__}: "
                          "the adapter holds NaN or inf values (check the training run that produced it)")
     w = layer.weight
     if is_4bit(layer):

@@ -8,6 +8,7 @@ from typing import Optional, Union
 from torch import nn
 
 from . import quant
+from .errors import UserError
 from .lora_config import LoraConfig
 
 ALL_LINEAR = "all-linear"
@@ -66,7 +67,7 @@ def resolve_targets(config: LoraConfig, model: nn.Module) -> Union[str, list[str
     if t is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
-            raise ValueError(f"target_modules is not set and scalora has no default for model type {model_type!r}: "
+            raise UserError(f"target_modules is not set and scalora has no default for model type {model_type!r}: "
                              f"set target_modules, e.g. 'all-linear' or {linear_names_hint(model)}")
         return DEFAULT_TARGETS[model_type]
     return t
