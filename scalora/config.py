@@ -104,6 +104,9 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "torch AdamW or bitsandbytes 8-bit")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
+    chunked_loss: Union[bool, Literal["auto"]] = _f(
+        "auto", "compute the output head and the loss chunk by chunk, never the whole micro-batch's logits; auto: "
+        "where those would pass 256 MiB (large vocabularies; measured faster there too, BENCHMARKS.md)")
     log_every: int = _f(10, "steps between metric lines")
     eval_every: int = _f(50, "steps between validations (0: only at the end)")
     save_every: int = _f(100, "steps between checkpoints (0: only at the end)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -13,7 +13,8 @@ from .loss import token_loss_sum
 
 
 @torch.no_grad()
-def loss_and_perplexity(model, accelerator, rows: list[dict], micro: int, pad_id: int) -> dict[str, float]:
+def loss_and_perplexity(model, accelerator, rows: list[dict], micro: int, pad_id: int,
+                        chunked: Union[bool, str] = "auto") -> dict[str, float]:
     """Per-token validation loss and perplexity, the rows split across processes."""
     model.eval()
     loss = torch.zeros((), device=accelerator.device)
@@ -21,7 +22,7 @@ def loss_and_perplexity(model, accelerator, rows: list[dict], micro: int, pad_id
     mine = rows[accelerator.process_index::accelerator.num_processes]
     for i in range(0, len(mine), micro):
         chunk = mine[i:i + micro]
-        loss += token_loss_sum(model, device_batch(chunk, pad_id, accelerator.device, True))
+        loss += token_loss_sum(model, device_batch(chunk, pad_id, accelerator.device, True), chunked)
         count += count_loss_tokens(chunk)
     loss, count = accelerator.reduce(loss, "sum"), accelerator.reduce(count, "sum")
     model.train()
@@ -75,7 +76,7 @@ def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -
 def validate(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -> dict[str, float]:
     """Every validation metric the run config asks for."""
     metrics = loss_and_perplexity(model, accelerator, data.validation, cfg.train.micro_batch_size,
-                                  tokenizer.pad_token_id)
+                                  tokenizer.pad_token_id, cfg.train.chunked_loss)
     if cfg.data.max_eval_generate:
         em = exact_match(model, accelerator, data, tokenizer, cfg)
         if em is not None:

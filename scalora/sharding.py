@@ -37,6 +37,11 @@ def _is_deepspeed(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
 
 
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether this process holds only a part of `p` (a ZeRO-3 partition, an FSDP2 DTensor)."""
+    return hasattr(p, "ds_id") or _is_dtensor(p)
+
+
 def full_shape(p: nn.Parameter) -> tuple[int, ...]:
     """The whole parameter's shape (a ZeRO-3 partition's own shape is empty; a DTensor's is already the whole)."""
     return tuple(getattr(p, "ds_shape", None) or p.shape)
