@@ -57,6 +57,7 @@ def make_accelerator(global_batch: int, micro_batch: int, mixed_precision: str, 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+    init_restarted_process_group()
     accum = accumulation_steps(global_batch, micro_batch, world_size())
     kwargs: dict[str, Any] = dict(mixed_precision=mixed_precision, gradient_accumulation_steps=accum,
                                   log_with=log_with, project_config=ProjectConfiguration(project_dir=project_dir))
@@ -69,6 +70,31 @@ def make_accelerator(global_batch: int, micro_batch: int, mixed_precision: str, 
     if _env_flag("ACCELERATE_USE_FSDP"):
         _fsdp_on_cpu()
     return accelerator
+
+
+def init_restarted_process_group() -> bool:
+    """Join the process group of a job torchrun has restarted, in a namespace of its own; True if it did.
+
+    torchrun's c10d rendezvous shares its agent's TCPStore with the workers and, measured with torch 2.13, gives the
+    workers of every restart the same keys as the first attempt: a restarted rank can read a dead peer's gloo/NCCL
+    address and fail with "Connection refused" (pytorch/pytorch#135712; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on the
+    launcher avoids it too). So from the first restart on, scalora opens the group itself on the same store under
+    the prefix `scalora/restart-<n>`; accelerate then finds it initialized and uses it.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    import torch.distributed as tdist
+    from torch.distributed.constants import default_pg_timeout as timeout
+
+    if tdist.is_initialized():
+        return False
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size(), is_master=False,
+                           timeout=timeout)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    tdist.init_process_group(backend, store=tdist.PrefixStore(f"scalora/restart-{restart}", store),
+                             rank=int(os.environ["RANK"]), world_size=world_size(), timeout=timeout)
+    return True
 
 
 def _fsdp_on_cpu() -> None:
@@ -84,6 +110,8 @@ def _fsdp_on_cpu() -> None:
 
     state = AcceleratorState()
     state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":  # as accelerate does for GPUs: FSDP's own policy casts parameters and inputs
+        state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
     state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
 
 
@@ -197,18 +225,31 @@ def topology(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-def check_topology(accelerator, cfg) -> None:
+def check_topology(accelerator, cfg, storage: Optional[torch.dtype] = None,
+                   dtype: Optional[torch.dtype] = None) -> None:
     """Refuse, before any model is loaded, combinations that fail deep inside DeepSpeed or FSDP later."""
     kind = topology(accelerator)
-    problems = topology_problems(kind, cfg)
+    problems = topology_problems(kind, cfg, storage, dtype)
     if problems:
         raise UserError(f"this run cannot work under {kind} ({accelerator.num_processes} processes):\n  - "
                         + "\n  - ".join(problems))
 
 
-def topology_problems(kind: str, cfg) -> list[str]:
-    """What in the run config cannot work under `kind` (single, ddp, zero2, zero3, fsdp), each with the fix."""
+def topology_problems(kind: str, cfg, storage: Optional[torch.dtype] = None,
+                      dtype: Optional[torch.dtype] = None) -> list[str]:
+    """What in the run config cannot work under `kind` (single, ddp, zero2, zero3, fsdp), each with the fix.
+    `storage`: the dtype of the packed weights of a checkpoint saved already quantized (None: quantized while
+    loading); `dtype`: the run's compute dtype (None: not known yet)."""
     problems = []
+    if kind in ("zero3", "fsdp") and storage is not None and dtype is not None and storage != dtype:
+        # Measured (bench/loading.py, CPU): ZeRO-3's bf16 engine and FSDP's mixed-precision policy cast every
+        # parameter they shard to the compute dtype, packed 4-bit bytes included; an fp32-stored checkpoint run in
+        # bf16 comes back at half its size ("shape [1024, 512] is invalid for input of size 262144").
+        fix = (f"set model.dtype={str(storage).removeprefix('torch.')}, or " if storage.is_floating_point else "")
+        problems.append(f"model.name_or_path={cfg.model.name_or_path!r} was saved already quantized with its packed "
+                        f"weights stored as {storage}, and {kind} would cast them to the run's compute dtype "
+                        f"{dtype}, corrupting them: {fix}load the checkpoint saved before quantization (scalora then "
+                        "stores the packed weights in the compute dtype)")
     sharded = kind in ("zero2", "zero3", "fsdp")
     if sharded and cfg.train.optimizer != "adamw":
         problems.append(f"train.optimizer={cfg.train.optimizer} keeps block-wise 8-bit state that {kind} cannot "
