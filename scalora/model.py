@@ -82,6 +82,18 @@ def load_hf_config(cfg: RunConfig, path: str):
         raise UserError(f"model.name_or_path={path!r} could not be loaded{hint}: {e}") from None
 
 
+def prequantized_storage(cfg: RunConfig, path: str) -> Optional[torch.dtype]:
+    """The dtype a checkpoint saved already quantized stores its packed weights in (None: saved unquantized)."""
+    q = getattr(load_hf_config(cfg, path), "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    if q.get("load_in_8bit"):
+        return torch.int8
+    name = str(q.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+    return getattr(torch, name, torch.uint8)
+
+
 def run_compute_dtype(cfg: RunConfig, path: str) -> tuple[torch.dtype, str]:
     """`model.dtype` resolved for this model on this hardware: (dtype, why)."""
     hf_config = load_hf_config(cfg, path)

@@ -69,7 +69,8 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
         problems.append(f"the launch file sets gradient_accumulation_steps={asked}, but scalora takes "
                         f"{t.global_batch_size // (t.micro_batch_size * world)} from train.global_batch_size / "
                         "(train.micro_batch_size x processes): remove it from the launch file")
-    problems += [f"under {launch['kind']}: {p}" for p in dist.topology_problems(launch["kind"], cfg)]
+    storage, dtype = collect(_storage_and_dtype, cfg) or (None, None)
+    problems += [f"under {launch['kind']}: {p}" for p in dist.topology_problems(launch["kind"], cfg, storage, dtype)]
     if launch.get("deepspeed") and t.global_batch_size % (t.micro_batch_size * world) == 0:
         accum = t.global_batch_size // (t.micro_batch_size * world)
         ds_problems = dist.deepspeed_problems(launch["deepspeed"], cfg, accum, world, None)
@@ -81,6 +82,14 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
     if problems:
         raise UserError(problems[0] if len(problems) == 1 else
                         f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _storage_and_dtype(cfg: RunConfig) -> tuple[Optional[Any], Any]:
+    from .model import prequantized_storage, resolve_model_path, run_compute_dtype
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    storage = prequantized_storage(cfg, path)
+    return storage, (run_compute_dtype(cfg, path)[0] if storage is not None else None)
 
 
 def _check_model(cfg: RunConfig, launch: dict[str, Any], collect) -> None:

@@ -27,7 +27,7 @@ from .data import Datasets, build_datasets, count_loss_tokens, device_batch, nee
 from .evaluate import describe, validate
 from .hardware import cpu_features
 from .loss import token_loss_sum
-from .model import build_model, resolve_model_path, run_compute_dtype
+from .model import build_model, prequantized_storage, resolve_model_path, run_compute_dtype
 from .tracking import Progress, Tracker, choose_tracker, plot_losses, summary_text
 
 
@@ -101,13 +101,13 @@ def setup(cfg: RunConfig) -> Run:
     """Everything before the first step: processes, model, data, optimizer, the run folder, the resume point."""
     threads = dist.configure_threads(cfg.dist.threads_per_process)
     out = cfg.train.output_dir
-    dtype, dtype_why = dist.launcher_precision(cfg.model.dtype,
-                                               *run_compute_dtype(cfg, resolve_model_path(cfg.model.name_or_path)))
+    path = resolve_model_path(cfg.model.name_or_path)
+    dtype, dtype_why = dist.launcher_precision(cfg.model.dtype, *run_compute_dtype(cfg, path))
     tracker_name = choose_tracker(cfg)
     os.makedirs(out, exist_ok=True)
     accelerator = dist.make_accelerator(cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                         dist.mixed_precision(dtype), tracker_name, out)
-    dist.check_topology(accelerator, cfg)
+    dist.check_topology(accelerator, cfg, prequantized_storage(cfg, path), dtype)
     stopper = dist.StopSignal()
     resume_from, clear_old = checkpoint.prepare_output_dir(cfg, out)
     from accelerate.utils import set_seed
@@ -242,7 +242,7 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
         torch.manual_seed(_micro_seed(cfg.train.seed, step, (rank * (G // world) + i) // micro))
         with accelerator.accumulate(run.model):
             batch = device_batch(mine[i:i + micro], run.tokenizer.pad_token_id, accelerator.device, block_mask)
-            loss_sum = token_loss_sum(run.model, batch)
+            loss_sum = token_loss_sum(run.model, batch, cfg.train.chunked_loss)
             if faults.hit("nan", step + 1):
                 loss_sum = loss_sum * float("nan")
             # Gradient of the global batch's mean token loss: DDP averages over W ranks and accelerate divides by the
@@ -306,6 +306,8 @@ def _finish(run: Run, tokens_seen: int, elapsed: float, skipped: int, first_eval
                "peak_memory_gb_per_rank": [round(float(b) / 2**30, 3) for b in accelerator.gather(
                    torch.tensor([float(peak)], device=accelerator.device)).tolist()],
                "process_peak_memory_gb": round(max(info["load_peak"], peak) / 2**30, 3),
+               "loading_peak_memory_gb_per_rank": [round(float(b) / 2**30, 3) for b in accelerator.gather(
+                   torch.tensor([float(info["load_peak"])], device=accelerator.device)).tolist()],
                "first_eval": first_eval, "final_eval": last_eval, "adapter": os.path.join(out, "final")}
     if accelerator.is_main_process:
         import json

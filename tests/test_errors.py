@@ -332,3 +332,33 @@ def test_debug_shows_the_traceback_and_bugs_say_where_to_report(env, tmp_path):
     p = _scalora(env, *train_args(out, "train.max_steps=3"), extra_env={"SCALORA_FAULT_INJECT": "bug@2"})
     assert p.returncode == 1 and "Traceback" in p.stderr, p.stderr[-2000:]
     assert "this is a bug in scalora" in p.stderr and "fault injected after step 2" in p.stderr
+
+
+def test_sharding_refuses_packed_weights_it_would_cast(scalora_here, saved_tiny_models, tmp_path):
+    """ZeRO-3 and FSDP cast every parameter they shard to the compute dtype, packed 4-bit bytes included: a checkpoint
+    saved quantized with another storage dtype would be corrupted (measured on a 310M Llama, bench/loading.py: the
+    first forward fails). Refused before launch with the fix; the matching dtype passes."""
+    import torch
+
+    from conftest import load_quantized
+    from scalora import dist
+    from scalora.builtin import build_tokenizer
+    from scalora.config import load_config
+    from scalora.model import prequantized_storage
+
+    path = tmp_path / "prequantized"
+    load_quantized(saved_tiny_models["llama"], 4).save_pretrained(path)  # bitsandbytes' default storage: uint8
+    build_tokenizer().save_pretrained(path)
+    cfg = load_config(None, [f"model.name_or_path={path}"])
+    assert prequantized_storage(cfg, str(path)) == torch.uint8
+    assert prequantized_storage(cfg, saved_tiny_models["llama"]) is None
+    fp32 = torch.float32
+    assert dist.topology_problems("fsdp", cfg, fp32, fp32) == []
+    assert dist.topology_problems("ddp", cfg, torch.uint8, torch.bfloat16) == []  # DDP keeps the base as loaded
+    for kind in ("zero3", "fsdp"):
+        assert "model.dtype=float32" in dist.topology_problems(kind, cfg, fp32, torch.bfloat16)[0]
+        assert "saved before quantization" in dist.topology_problems(kind, cfg, torch.uint8, fp32)[0]
+    status, stderr = scalora_here(*train_args(tmp_path / "out", f"model.name_or_path={path}",
+                                              "dist.launch_config=zero3", "dist.num_processes=2",
+                                              "train.micro_batch_size=8"))
+    assert_one_message(status, stderr, "saved already quantized", "stored as torch.uint8")
