@@ -81,6 +81,7 @@ class Settings:
     seq_len: int = 512
     gradient_checkpointing: bool = True
     packed_mask: bool = False           # packing with SDPA / eager: a (B, 1, T, T) block-diagonal mask
+    chunked_loss: Any = "auto"          # train.chunked_loss: True, False or "auto"
     device: str = "gpu"                 # gpu | cpu
     cpu_overhead: float = 0.0           # bytes of the CPU runtime (measured), device == "cpu"
 
@@ -89,19 +90,28 @@ class Settings:
 class Estimate:
     strategy: str
     devices: int
-    parts: dict[str, float] = field(default_factory=dict)  # bytes per device
+    parts: dict[str, float] = field(default_factory=dict)  # bytes per device, training
     cpu_parts: dict[str, float] = field(default_factory=dict)  # bytes moved to host memory per device
+    loading: float = 0.0  # bytes per device while the base loads, before sharding
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
 
     @property
+    def binds(self) -> str:
+        """Which peak is the higher one: "training" or "loading"."""
+        return "loading" if self.loading > self.total else "training"
+
+    @property
     def cpu_total(self) -> float:
         return sum(self.cpu_parts.values())
 
-    def fits(self, memory: float, paged: bool = False) -> str:
-        """'yes', 'paged' (only with the paged optimizer's state evicted to host memory, as QLoRA relies on) or 'no'."""
+    def fits(self, memory: float, paged: bool = False, loading: bool = True) -> str:
+        """'yes', 'paged' (only with the paged optimizer's state evicted to host memory, as QLoRA relies on) or 'no';
+        `loading=False`: the training peak alone (a stack that loads the base sharded)."""
+        if loading and self.loading > memory:
+            return "no"
         if self.total <= memory:
             return "yes"
         if paged and self.total - self.parts.get("optimizer", 0.0) <= memory:
@@ -219,6 +229,31 @@ def logits_bytes_per_token(s: Shape, st: Settings) -> float:
     return s.vocab * (12 + (2 * st.compute_bytes if st.compute_bytes != 4 else 0))
 
 
+def loss_bytes(s: Shape, st: Settings) -> float:
+    """The head and the loss: the whole logits with their log-softmax and gradients, or, chunked (scalora's default
+    where those pass 256 MiB), one chunk's logits, softmax and gradient beside the saved last hidden states
+    (bench/loss.py measured 0.80 GiB at 4,096 tokens x 128,256 words against 0.77 predicted; 5.91 unchunked)."""
+    from .loss import CHUNK_BYTES
+
+    tokens = st.micro_batch * st.seq_len
+    whole = tokens * s.vocab * 4
+    if st.chunked_loss is True or (st.chunked_loss == "auto" and whole > CHUNK_BYTES):
+        return tokens * s.hidden * st.compute_bytes + 3 * min(whole, CHUNK_BYTES)
+    return tokens * logits_bytes_per_token(s, st)
+
+
+def loading_bytes(s: Shape, st: Settings, strategy: str, devices: int) -> float:
+    """Device memory while the base loads, before any sharding: every process loads the whole quantized base onto
+    its device (ZeRO-3 loads it into host memory and partitions it onto the GPU when the engine starts: on a CPU,
+    host memory is the device's), and a weight being quantized is held once in the compute dtype beside it.
+    Sharding divides the base only after this peak."""
+    shardable, replicated = base_weight_bytes(s, st)
+    transient = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
+    if strategy.startswith("zero3") and devices > 1 and st.device == "gpu":
+        return shardable / devices + replicated
+    return shardable + replicated + transient
+
+
 def activation_bytes(s: Shape, st: Settings, gradient_checkpointing: Optional[bool] = None) -> float:
     gc = st.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     tokens = st.micro_batch * st.seq_len
@@ -227,7 +262,7 @@ def activation_bytes(s: Shape, st: Settings, gradient_checkpointing: Optional[bo
         body = s.n_layers * s.hidden * st.compute_bytes + layer + 2 * max(s.hidden, s.intermediate) * st.compute_bytes
     else:
         body = s.n_layers * layer
-    total = tokens * (body + logits_bytes_per_token(s, st)) + tokens * s.hidden * st.compute_bytes  # + embeddings
+    total = tokens * body + loss_bytes(s, st) + tokens * s.hidden * st.compute_bytes  # + embeddings
     if st.packed_mask:  # the boolean mask, and the additive float mask attention keeps per layer it saves for
         total += st.micro_batch * st.seq_len**2 * (1 + 4 * (1 if gc else s.n_layers))
     return total
@@ -262,7 +297,8 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
             if strategy == "fsdp_offload":
                 cpu["gradients"] = e.parts["gradients"]
                 e.parts["gradients"] = 0.0
-    e.parts["activations"] = activation_bytes(s, st)
+    e.parts["activations"] = activation_bytes(s, st) - loss_bytes(s, st)
+    e.parts["loss"] = loss_bytes(s, st)
     working = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
     if shard_weights and n > 1:  # the gathered decoder layers: the one computing and the one prefetched
         per_layer = (shardable - s.dense_params * st.compute_bytes) / s.n_layers
@@ -270,8 +306,10 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
     e.parts["working set"] = working
     if st.device == "gpu":
         e.parts["overhead"] = GPU_OVERHEAD + GPU_SLACK * sum(e.parts.values())
+        e.loading = loading_bytes(s, st, strategy, n) * (1 + GPU_SLACK) + GPU_OVERHEAD
     else:
         e.parts["overhead"] = st.cpu_overhead + CPU_EXTRA
+        e.loading = loading_bytes(s, st, strategy, n) + st.cpu_overhead + CPU_EXTRA
     return e
 
 
@@ -290,6 +328,7 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                     lora_dropout=cfg.lora.lora_dropout, optimizer=cfg.train.optimizer, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
                     packed_mask=cfg.data.packing and needs_block_mask(cfg.model.attn_implementation),
+                    chunked_loss=cfg.train.chunked_loss,
                     device=device, cpu_overhead=cpu_overhead)
 
 
@@ -327,14 +366,15 @@ def render(shape: Shape, st: Settings, rows: list[Estimate], gpu_memory: float, 
              f"{'on' if st.gradient_checkpointing else 'off'} | {devices} device(s) on {nodes} node(s), "
              f"{gpu_memory / GiB:.1f} GiB each ({st.device})", ""]
     keys = list(rows[0].parts)
-    head = f"{'strategy':<14}" + "".join(f"{k:>13}" for k in keys) + f"{'per device':>12}{'host':>9}  fits"
-    lines += [head + "   (GiB)", "-" * len(head)]
+    head = (f"{'strategy':<14}" + "".join(f"{k:>13}" for k in keys)
+            + f"{'training':>10}{'loading':>9}{'host':>8}  binds     fits")
+    lines += [head + "   (GiB per device)", "-" * len(head)]
     paged = st.optimizer.startswith("paged")
     for e in rows:
         fits = e.fits(gpu_memory, paged)
-        fits = f"no (+{(e.total - gpu_memory) / GiB:.1f})" if fits == "no" else fits
+        fits = f"no (+{(max(e.total, e.loading) - gpu_memory) / GiB:.1f})" if fits == "no" else fits
         lines.append(f"{e.strategy:<14}" + "".join(f"{g(e.parts[k]):>13}" for k in keys)
-                     + f"{g(e.total):>12}{g(e.cpu_total):>9}  {fits}")
+                     + f"{g(e.total):>10}{g(e.loading):>9}{e.cpu_total / GiB:8.2f}  {e.binds:<9} {fits}")
     other = activation_bytes(shape, st, not st.gradient_checkpointing)
     lines += ["", f"activations with gradient checkpointing {'off' if st.gradient_checkpointing else 'on'}: "
               f"{other / GiB:.2f} GiB per device (instead of {activation_bytes(shape, st) / GiB:.2f})"]
@@ -346,6 +386,8 @@ def render(shape: Shape, st: Settings, rows: list[Estimate], gpu_memory: float, 
                      "or add devices")
     if any(e.fits(gpu_memory, paged) == "paged" for e in rows):
         lines.append("paged: fits only with the paged optimizer's state evicted to host memory (slower steps)")
+    lines.append("loading: every process loads the whole quantized base before it is sharded (ZeRO-3 into host "
+                 "memory); where loading binds, sharding cannot help until the base loads sharded")
     return "\n".join(lines)
 
 
@@ -371,5 +413,5 @@ def main(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{"strategy": e.strategy, "devices": e.devices, "parts": e.parts, "host": e.cpu_parts,
-                        "total": e.total} for e in rows], f, indent=2)
+                        "total": e.total, "loading": e.loading, "binds": e.binds} for e in rows], f, indent=2)
     return 0
