@@ -285,7 +285,10 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row. Packed rows get a (B, 1, T, T) boolean mask: causal within each example."""
+    """Right-pad to the longest row. Packed rows get a (B, 1, T, T) boolean mask, causal within each example; or,
+    `block_mask=False`, no mask at all: the attention kernel splits the examples by their position ids (flash
+    attention's variable-length path, flex attention's block mask; transformers builds the same mask for SDPA). A 2D
+    padding mask there would make flash attention treat a row as one sequence, examples attending to each other."""
     T = max(len(r["input_ids"]) for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -304,6 +307,8 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = Tr
         batch["position_ids"] = pos
         if block_mask:
             batch["attention_mask"] = packed_mask(pos, attention)
+        else:
+            del batch["attention_mask"]  # the padding's position ids restart at 0: each pad is an example of its own
     return batch
 
 
@@ -314,9 +319,9 @@ def device_batch(rows: list[dict[str, list[int]]], pad_id: int, device, block_ma
 
 
 def needs_block_mask(attn_implementation: Optional[str]) -> bool:
-    """Packed rows need the (B, 1, T, T) block mask, except with flash attention, whose variable-length path splits
-    the examples by their position ids."""
-    return not (attn_implementation or "").startswith("flash")
+    """Packed rows need scalora's (B, 1, T, T) block mask, except with flash attention (its variable-length path) and
+    flex attention (a sparse block mask), which split the examples by their position ids, with no T x T mask."""
+    return not (attn_implementation or "").startswith(("flash", "flex"))
 
 
 def packed_mask(position_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

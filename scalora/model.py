@@ -113,6 +113,9 @@ def load_base(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional
     if device_map is not None:
         kwargs["device_map"] = device_map
     if cfg.model.attn_implementation:
+        if cfg.model.attn_implementation.startswith("flex") and not torch.cuda.is_available():
+            raise UserError(f"model.attn_implementation={cfg.model.attn_implementation}: torch's flex attention has "
+                            "no backward pass on CPUs; use sdpa (the default) there")
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, **kwargs)

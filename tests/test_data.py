@@ -59,6 +59,7 @@ def test_packing_gives_the_same_per_token_loss(tok):
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, vocab_size=len(tok),
                                          initializer_range=0.2)).eval()  # sharp attention: masks show
+    model.config.use_cache = False  # as scalora trains (transformers splits packed rows only without a cache)
     cfg = DataConfig()
     recs = [{"instruction": "Which topic ?", "input": " ".join(["the band played"] * k), "output": "music"}
             for k in (1, 3, 2, 5)]
@@ -68,8 +69,13 @@ def test_packing_gives_the_same_per_token_loss(tok):
     with torch.no_grad():
         packed = token_loss_sum(model, collate(rows, tok.pad_token_id))
         unpacked = token_loss_sum(model, collate(examples, tok.pad_token_id))
-        cross = token_loss_sum(model, collate(rows, tok.pad_token_id, block_mask=False))
+        by_position = collate(rows, tok.pad_token_id, block_mask=False)  # what flash / flex attention get
+        assert "attention_mask" not in by_position
+        split = token_loss_sum(model, by_position)  # transformers splits SDPA's mask by the position ids
+        one_sequence = {**by_position, "attention_mask": (by_position["input_ids"] != tok.pad_token_id).long()}
+        cross = token_loss_sum(model, one_sequence)  # a 2D padding mask: a row is one sequence
     torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(split, unpacked, rtol=1e-5, atol=1e-4)
     assert (cross - unpacked).abs() > 1e-3  # without the block mask examples would see each other
 
 
