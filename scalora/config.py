@@ -40,7 +40,13 @@ class ModelConfig:
         "auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on other GPUs; on CPUs bf16 with AMX for hidden "
         "size >= 512, else fp32 (measured: scalora/hardware.py)")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
-    attn_implementation: Optional[str] = _f(None, "transformers attention kernel (sdpa, eager, flash_attention_2)")
+    attn_implementation: Optional[str] = _f(
+        None, "transformers attention kernel (sdpa, eager, flash_attention_2, flex_attention on GPUs); with "
+        "data.packing, flash and flex attention split the examples by position ids with no T x T mask")
+    compile: bool = _f(False, "torch.compile each decoder layer (fuses the elementwise work; the first steps "
+                       "compile, ~10-30 s per shape seen)")
+    liger_kernel: bool = _f(False, "CUDA: liger-kernel's fused RMSNorm, RoPE and SwiGLU in the model (pip install "
+                            "liger-kernel); train.chunked_loss=liger for its fused linear cross-entropy")
 
 
 @dataclass(frozen=True)
@@ -104,9 +110,10 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "torch AdamW or bitsandbytes 8-bit")
     max_grad_norm: float = _f(1.0, "gradient clipping (0: off)")
-    chunked_loss: Union[bool, Literal["auto"]] = _f(
+    chunked_loss: Union[bool, Literal["auto", "liger"]] = _f(
         "auto", "compute the output head and the loss chunk by chunk, never the whole micro-batch's logits; auto: "
-        "where those would pass 256 MiB (large vocabularies; measured faster there too, BENCHMARKS.md)")
+        "where those would pass 256 MiB (large vocabularies; measured faster there too, BENCHMARKS.md); liger: "
+        "liger-kernel's fused linear cross-entropy (CUDA)")
     log_every: int = _f(10, "steps between metric lines")
     eval_every: int = _f(50, "steps between validations (0: only at the end)")
     save_every: int = _f(100, "steps between checkpoints (0: only at the end)")

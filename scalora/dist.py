@@ -251,6 +251,9 @@ def topology_problems(kind: str, cfg, storage: Optional[torch.dtype] = None,
                         f"{dtype}, corrupting them: {fix}load the checkpoint saved before quantization (scalora then "
                         "stores the packed weights in the compute dtype)")
     sharded = kind in ("zero2", "zero3", "fsdp")
+    if cfg.model.compile and kind in ("zero3", "fsdp"):
+        problems.append(f"model.compile=true under {kind}: compiled layers with sharded parameters are not tested in "
+                        "scalora yet; set model.compile=false, or use launch/ddp.yaml / launch/zero2.yaml")
     if sharded and cfg.train.optimizer != "adamw":
         problems.append(f"train.optimizer={cfg.train.optimizer} keeps block-wise 8-bit state that {kind} cannot "
                         "shard: use train.optimizer=adamw (sharding already divides the optimizer memory)")

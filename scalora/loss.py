@@ -101,6 +101,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: Union[bool, s
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)  # (B*T,): token t predicts t+1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     head = _plain_head(_unwrapped(model)) if chunked else None
+    if chunked == "liger" and head is not None and not sharding.is_sharded(head.weight):
+        with _head_returns_hidden(head):
+            hidden = model(**inputs).logits
+        return _liger_loss_sum(hidden.reshape(-1, hidden.shape[-1]), head, labels)
     rows_per_chunk = max(1, CHUNK_BYTES // (4 * head.out_features)) if head is not None else 0
     if head is not None and (chunked is True or labels.numel() > rows_per_chunk):
         with _head_returns_hidden(head):
@@ -112,6 +116,21 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: Union[bool, s
     else:
         logits = model(**inputs).logits.float()  # a no-op in fp32; the one upcast copy in bf16 / fp16
     return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels, ignore_index=IGNORE, reduction="sum")
+
+
+def _liger_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
+    """liger-kernel's fused linear cross-entropy (Triton, CUDA): head and loss in chunks, gradients computed in the
+    forward pass. Parity with the plain loss: tests/test_cuda.py."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        from .core.errors import UserError
+
+        raise UserError("train.chunked_loss=liger needs liger-kernel: pip install liger-kernel (CUDA only), or use "
+                        "train.chunked_loss=auto") from None
+    out = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(
+        head.weight, hidden.to(head.weight.dtype), labels, head.bias)
+    return (out[0] if isinstance(out, tuple) else out).float()
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -167,8 +167,44 @@ def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dt
     tokenizer = load_tokenizer(cfg, path)
     model = load_base(cfg, path, device_map, dtype)
     prepare_for_training(model, cfg)
+    if cfg.model.liger_kernel:
+        apply_liger_kernel(model)
     peft_model = get_peft_model(model, lora_config(cfg, path))
+    if cfg.model.compile:
+        compile_layers(model)
     return peft_model, tokenizer, path
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers (the ModuleList as long as config.num_hidden_layers)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise UserError(f"model.compile: no stack of {n} decoder layers found in {type(model).__name__}; set "
+                    "model.compile=false")
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile each decoder layer in place (their LoRA layers included): the norms, rotary embedding, SiLU,
+    dropout and adds of a layer fuse into a few kernels; the layer boundary keeps gradient checkpointing and
+    sharding hooks outside the compiled code. Same loss as eager to fp32 rounding (tests/test_lora_training.py)."""
+    for layer in decoder_layers(model):
+        layer.compile()
+
+
+def apply_liger_kernel(model: torch.nn.Module) -> None:
+    """liger-kernel's Triton kernels in place of the model's RMSNorm, rotary embedding and SwiGLU MLP (CUDA only;
+    parity with the plain model: tests/test_cuda.py)."""
+    if not torch.cuda.is_available():
+        raise UserError("model.liger_kernel=true needs a CUDA GPU (liger-kernel's kernels are Triton); set "
+                        "model.liger_kernel=false on CPUs")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UserError("model.liger_kernel=true needs liger-kernel: pip install liger-kernel") from None
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
 
 
 # --- the base an adapter was trained on ------------------------------------------------------------------------
