@@ -10,7 +10,7 @@ PIP         ?= pip==26.3
 CONSTRAINTS ?= constraints.txt
 PIN_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test test-fast install lock clean
+.PHONY: demo test test-fast install lock clean gpu-wheels gpu-check
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,14 @@ lock:
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|scalora)[=@ ]'; } > constraints.txt
 	rm -rf .venv-lock
 	@echo "constraints.txt refreshed: now run 'make clean test' and commit it only if the suite passes"
+
+# The GPU check (bench/gpu.sh): gather the wheels where a registry is reachable, run the check on the GPU machine
+# (which has torch, transformers, accelerate and peft; make is not needed there: `bash bench/gpu.sh`).
+gpu-wheels:
+	python3 bench/gpu_wheels.py
+
+gpu-check:
+	bash bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) runs

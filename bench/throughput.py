@@ -2,6 +2,13 @@
 
     .venv/bin/python bench/throughput.py                       # ~4M / ~30M / ~120M Llama, about 15 min on 2 cores
     .venv/bin/python bench/throughput.py --sizes 4m --repeats 1   # a quick look
+    python3 bench/throughput.py --gpu                           # GPU mode: a ~1.1B Llama at sequence 2048, bf16
+
+GPU mode (`--gpu`, run by bench/gpu.sh): the 1b size (TinyLlama's shape, vocabulary 32,000, random weights saved and
+reloaded in 4-bit NF4), examples of ~1,400-2,000 tokens cut at 2,048, one repeat, and one more stack, scalora-best:
+packed rows plus the GPU levers (liger-kernel's RMSNorm / RoPE / SwiGLU and fused linear cross-entropy, compiled
+decoder layers). A stack that fails is reported as failed and the others still run. MFU is against the bf16 matmul
+peak measured in the same run (the spec sheet's peak is printed beside it).
 
 Every measurement runs in its own process (fresh peak memory), and the three stacks are interleaved within each
 repeat (order rotated) so that machine noise hits all of them. Same model (Llama built here, saved with
@@ -36,12 +43,16 @@ SIZES = {  # Llama shapes; vocabulary of the builtin tokenizer (~220 words), unt
                 num_key_value_heads=4),
     "120m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=19, num_attention_heads=12,
                  num_key_value_heads=4),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),  # TinyLlama-1.1B's shape: 1.10B parameters
 }
 RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger the model, the fewer tokens
     "4m": (16, 4, 512, 4),
     "30m": (16, 4, 512, 3),
     "120m": (8, 4, 256, 2),
+    "1b": (16, 4, 2048, 3),
 }
+BEST = ["model.liger_kernel=true", "train.chunked_loss=liger", "model.compile=true"]  # scalora-best: GPU levers
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 2e-4
 
@@ -61,9 +72,10 @@ def build_model(size: str) -> str:
     if (path / "config.json").is_file():
         return str(path)
     tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False,
+    shape = {"vocab_size": len(tok), **SIZES[size]}  # the builtin tokenizer's words, or a real model's vocabulary
+    cfg = LlamaConfig(max_position_embeddings=max(1024, RUN[size][2]), tie_word_embeddings=False,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      **SIZES[size])
+                      **shape)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     tmp = path.with_name(path.name + ".tmp")
@@ -73,11 +85,12 @@ def build_model(size: str) -> str:
     return str(path)
 
 
-def build_data(n: int = 800, seed: int = 0) -> str:
-    """Instruction records with log-normal lengths (median ~90 tokens, 10% above ~250), from the builtin vocabulary."""
+def build_data(n: int = 800, seed: int = 0, long: bool = False) -> str:
+    """Instruction records with log-normal lengths (median ~90 tokens, 10% above ~250), from the builtin vocabulary;
+    long: ~1,400-2,000 words each (GPU mode, sequence 2048)."""
     from scalora.builtin import _TOPIC_WORDS, _sentence
 
-    path = cache_dir() / f"varlen-{n}-{seed}.jsonl"
+    path = cache_dir() / f"varlen-{n}-{seed}{'-long' if long else ''}.jsonl"
     if path.is_file():
         return str(path)
     rng = random.Random(seed)
@@ -85,7 +98,7 @@ def build_data(n: int = 800, seed: int = 0) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for _ in range(n):
-            words = int(min(900, math.exp(rng.gauss(math.log(70), 0.8))))
+            words = rng.randint(1400, 2000) if long else int(min(900, math.exp(rng.gauss(math.log(70), 0.8))))
             text, topic = "", rng.choice(topics)
             while len(text.split()) < words:
                 text += _sentence(rng, topic) + " "
@@ -114,12 +127,13 @@ def _run_config(a):
     G, micro, length, steps = RUN[a.size]
     return load_config(None, [
         f"model.name_or_path={a.model}", f"data.train_file={a.data}", "data.validation_fraction=0",
-        f"data.max_length={length}", f"data.packing={'true' if a.stack == 'scalora-pack' else 'false'}",
+        f"data.max_length={length}", f"data.packing={'true' if a.stack in ('scalora-pack', 'scalora-best') else 'false'}",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['alpha']}", f"lora.lora_dropout={LORA['dropout']}",
         f"train.global_batch_size={G}", f"train.micro_batch_size={micro}", f"train.max_steps={steps + 1}",
         f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
         "train.eval_every=0", "train.save_every=0", "data.max_eval_generate=0", "log.report_to=none",
-        f"train.output_dir={a.out}", "train.overwrite=true", "train.max_grad_norm=1.0"])
+        f"train.output_dir={a.out}", "train.overwrite=true", "train.max_grad_norm=1.0",
+        *(BEST if a.stack == "scalora-best" else [])])
 
 
 def _examples(cfg, tokenizer):
@@ -249,7 +263,8 @@ def worker_trainer(a) -> dict:
                              logging_steps=1, save_strategy="no", report_to=[], gradient_checkpointing=True,
                              gradient_checkpointing_kwargs={"use_reentrant": False}, use_cpu=device == "cpu",
                              dataloader_num_workers=0, optim="adamw_torch", max_grad_norm=1.0,
-                             remove_unused_columns=False, seed=cfg.train.seed, disable_tqdm=True)
+                             remove_unused_columns=False, seed=cfg.train.seed, disable_tqdm=True,
+                             bf16=device == "cuda" and torch.cuda.is_bf16_supported())
     ordered = [examples[i] for step in range(steps + 1) for i in _order(step, len(examples), G, cfg.train.seed)]
     ds = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"],
                              "attention_mask": [1] * len(e["input_ids"])} for e in ordered])
@@ -267,8 +282,8 @@ def worker(a) -> None:
 
     if not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
-    fn = {"scalora-pad": worker_scalora, "scalora-pack": worker_scalora, "peft": worker_peft,
-          "trainer": worker_trainer}[a.stack]
+    fn = {"scalora-pad": worker_scalora, "scalora-pack": worker_scalora, "scalora-best": worker_scalora,
+          "peft": worker_peft, "trainer": worker_trainer}[a.stack]
     result = fn(a)
     result["tokens_per_s"] = result["tokens"] / max(1e-9, result["seconds"])
     print("RESULT " + json.dumps(result), flush=True)
@@ -289,7 +304,7 @@ def step_flops_per_token(size: str, seq: float) -> float:
     per_layer = 3 * 2 * base + 4 * 2 * lora + 3 * attn
     from scalora.builtin import build_tokenizer
 
-    vocab = len(build_tokenizer())
+    vocab = s.get("vocab_size") or len(build_tokenizer())
     return L * per_layer + 2 * 2 * h * vocab
 
 
@@ -386,6 +401,8 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--live-memory", default="4m,30m",
                     help="sizes whose live peak (glibc caching off) is also measured, once per stack ('' for none)")
+    ap.add_argument("--gpu", action="store_true", help="GPU mode: the 1b size at sequence 2048, one repeat, "
+                    "scalora-best added, failures reported and skipped")
     ap.add_argument("--worker"), ap.add_argument("--size"), ap.add_argument("--model"), ap.add_argument("--data")
     ap.add_argument("--out")
     a = ap.parse_args()
@@ -396,7 +413,12 @@ def main() -> None:
     import torch
 
     stacks = ["scalora-pad", "scalora-pack", "peft", "trainer"]
-    data = build_data()
+    if a.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu: no CUDA GPU is visible to torch")
+        a.sizes, a.repeats, a.live_memory, a.no_profile = "1b", 1, "", True
+        stacks.append("scalora-best")
+    data = build_data(long=a.gpu)
     peak = matmul_peak(a.threads)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {a.threads} threads, fp32"
     spec = next((v for k, v in SPEC_BF16.items() if k in device), None)
@@ -410,11 +432,18 @@ def main() -> None:
         for rep in range(a.repeats):
             order = stacks[rep % len(stacks):] + stacks[:rep % len(stacks)]  # rotate who goes first
             for stack in order:
-                r = measure(stack, size, model, data, a.threads)
+                try:
+                    r = measure(stack, size, model, data, a.threads)
+                except RuntimeError as e:
+                    if not a.gpu:
+                        raise
+                    print(f"  {size} repeat {rep + 1} {stack:<13} FAILED: {str(e)[-1500:]}", flush=True)
+                    results.setdefault("failed", {})[f"{size}/{stack}"] = str(e)[-4000:]
+                    continue
                 runs[stack].append(r)
                 print(f"  {size} repeat {rep + 1} {stack:<13} {r['tokens_per_s']:9.1f} useful tokens/s  peak "
                       f"{r['peak_gb']:.3f} GiB", flush=True)
-        results["runs"][size] = runs
+        results["runs"][size] = {s: rs for s, rs in runs.items() if rs}
     results["summary"] = summarize(results)
     live_sizes = [x for x in a.live_memory.split(",") if x and x in results["runs"]]
     if live_sizes:
@@ -451,11 +480,13 @@ def summarize(results: dict) -> dict:
         row = {}
         for s in runs:
             mfu = med[s] * step_flops_per_token(size, seq) / peak
+            nan = float("nan")
             row[s] = {"tokens_per_s": med[s], "peak_gb": mem[s], "mfu": mfu,
-                      "vs_peft": med[s] / med["peft"], "vs_trainer": med[s] / med["trainer"],
-                      "peak_vs_peft": mem[s] / mem["peft"], "peak_vs_trainer": mem[s] / mem["trainer"]}
+                      "vs_peft": med[s] / med.get("peft", nan), "vs_trainer": med[s] / med.get("trainer", nan),
+                      "peak_vs_peft": mem[s] / mem.get("peft", nan), "peak_vs_trainer": mem[s] / mem.get("trainer", nan)}
             print(f"{size:<5} | {s:<13} | {med[s]:12.1f} | {mem[s]:8.3f} | {mfu:6.1%} | {row[s]['vs_peft']:17.2f} | "
-                  f"{row[s]['vs_trainer']:10.2f} | {row[s]['peak_vs_peft']:.2f}")
+                  f"{row[s]['vs_trainer']:10.2f} | {row[s]['peak_vs_peft']:.2f} (vs Trainer "
+                  f"{row[s]['peak_vs_trainer']:.2f})")
         out[size] = row
     return out
 
