@@ -127,13 +127,13 @@ def _run_config(a):
     G, micro, length, steps = RUN[a.size]
     return load_config(None, [
         f"model.name_or_path={a.model}", f"data.train_file={a.data}", "data.validation_fraction=0",
-        f"data.max_length={length}", f"data.packing={'true' if a.stack in ('scalora-pack', 'scalora-best') else 'false'}",
+        f"data.max_length={length}", f"data.packing={'true' if a.stack in ('scalora-pack', 'scalora-best', 'scalora-compile') else 'false'}",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['alpha']}", f"lora.lora_dropout={LORA['dropout']}",
         f"train.global_batch_size={G}", f"train.micro_batch_size={micro}", f"train.max_steps={steps + 1}",
         f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
         "train.eval_every=0", "train.save_every=0", "data.max_eval_generate=0", "log.report_to=none",
         f"train.output_dir={a.out}", "train.overwrite=true", "train.max_grad_norm=1.0",
-        *(BEST if a.stack == "scalora-best" else [])])
+        *(BEST if a.stack == "scalora-best" else []), *(["model.compile=true"] if a.stack == "scalora-compile" else [])])
 
 
 def _examples(cfg, tokenizer):
@@ -151,7 +151,9 @@ def worker_scalora(a) -> dict:
     tokens = [b["train/tokens"] - p["train/tokens"] for p, b in zip(rows, rows[1:])]  # drop step 1: warm-up
     seconds = [t / r["train/tokens_per_s"] for t, r in zip(tokens, rows[1:])]
     summary = json.load(open(os.path.join(a.out, "summary.json")))
-    return {"tokens": sum(tokens), "seconds": sum(seconds), "peak_gb": summary["peak_memory_gb"]}
+    return {"tokens": sum(tokens), "seconds": sum(seconds), "peak_gb": summary["peak_memory_gb"],
+            "warmup_s": rows[0]["train/tokens"] / rows[0]["train/tokens_per_s"],  # step 1: compiles, if any
+            "step_s": seconds}
 
 
 def _hf_setup(a):
@@ -283,7 +285,7 @@ def worker(a) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
     fn = {"scalora-pad": worker_scalora, "scalora-pack": worker_scalora, "scalora-best": worker_scalora,
-          "peft": worker_peft, "trainer": worker_trainer}[a.stack]
+          "scalora-compile": worker_scalora, "peft": worker_peft, "trainer": worker_trainer}[a.stack]
     result = fn(a)
     result["tokens_per_s"] = result["tokens"] / max(1e-9, result["seconds"])
     print("RESULT " + json.dumps(result), flush=True)
@@ -401,6 +403,7 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--live-memory", default="4m,30m",
                     help="sizes whose live peak (glibc caching off) is also measured, once per stack ('' for none)")
+    ap.add_argument("--compile", action="store_true", help="add scalora-compile: packed, model.compile=true")
     ap.add_argument("--gpu", action="store_true", help="GPU mode: the 1b size at sequence 2048, one repeat, "
                     "scalora-best added, failures reported and skipped")
     ap.add_argument("--worker"), ap.add_argument("--size"), ap.add_argument("--model"), ap.add_argument("--data")
@@ -418,6 +421,8 @@ def main() -> None:
             raise SystemExit("--gpu: no CUDA GPU is visible to torch")
         a.sizes, a.repeats, a.live_memory, a.no_profile = "1b", 1, "", True
         stacks.append("scalora-best")
+    if a.compile:
+        stacks.append("scalora-compile")
     data = build_data(long=a.gpu)
     peak = matmul_peak(a.threads)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {a.threads} threads, fp32"

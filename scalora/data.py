@@ -284,12 +284,13 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
     return rows
 
 
-def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = True) -> dict[str, torch.Tensor]:
+def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = True,
+            pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row. Packed rows get a (B, 1, T, T) boolean mask, causal within each example; or,
     `block_mask=False`, no mask at all: the attention kernel splits the examples by their position ids (flash
     attention's variable-length path, flex attention's block mask; transformers builds the same mask for SDPA). A 2D
     padding mask there would make flash attention treat a row as one sequence, examples attending to each other."""
-    T = max(len(r["input_ids"]) for r in rows)
+    T = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)  # pad_to: one shape for compiled layers
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
@@ -312,10 +313,10 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = Tr
     return batch
 
 
-def device_batch(rows: list[dict[str, list[int]]], pad_id: int, device, block_mask: bool = True
-                 ) -> dict[str, torch.Tensor]:
+def device_batch(rows: list[dict[str, list[int]]], pad_id: int, device, block_mask: bool = True,
+                 pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
     """`collate`, on `device`."""
-    return {k: v.to(device) for k, v in collate(rows, pad_id, block_mask=block_mask).items()}
+    return {k: v.to(device) for k, v in collate(rows, pad_id, block_mask=block_mask, pad_to=pad_to).items()}
 
 
 def needs_block_mask(attn_implementation: Optional[str]) -> bool:

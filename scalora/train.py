@@ -234,6 +234,9 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
         accelerator.process_index
     mine = rows[rank * (G // world):(rank + 1) * (G // world)]
     block_mask = needs_block_mask(cfg.model.attn_implementation)
+    # Compiled layers recompile for each new sequence length (~15-30 s each, measured on CPU); packed rows are
+    # ~95% full, so padding them to max_length costs little and keeps one shape.
+    pad_to = cfg.data.max_length if cfg.model.compile and cfg.data.packing else None
     step_loss = torch.zeros((), device=accelerator.device)
     grad_norm, skipped = None, 0
     for i in range(0, len(mine), micro):
@@ -241,7 +244,8 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
         # any number of processes, and a resumed run needs no saved RNG state.
         torch.manual_seed(_micro_seed(cfg.train.seed, step, (rank * (G // world) + i) // micro))
         with accelerator.accumulate(run.model):
-            batch = device_batch(mine[i:i + micro], run.tokenizer.pad_token_id, accelerator.device, block_mask)
+            batch = device_batch(mine[i:i + micro], run.tokenizer.pad_token_id, accelerator.device, block_mask,
+                                 pad_to)
             loss_sum = token_loss_sum(run.model, batch, cfg.train.chunked_loss)
             if faults.hit("nan", step + 1):
                 loss_sum = loss_sum * float("nan")
