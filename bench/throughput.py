@@ -127,7 +127,7 @@ def _run_config(a):
     G, micro, length, steps = RUN[a.size]
     return load_config(None, [
         f"model.name_or_path={a.model}", f"data.train_file={a.data}", "data.validation_fraction=0",
-        f"data.max_length={length}", f"data.packing={'true' if a.stack in ('scalora-pack', 'scalora-best', 'scalora-compile') else 'false'}",
+        f"data.max_length={length}", f"data.packing={'true' if a.stack in ('scalora-pack', 'scalora-best', 'scalora-compile', 'peft-pack') else 'false'}",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['alpha']}", f"lora.lora_dropout={LORA['dropout']}",
         f"train.global_batch_size={G}", f"train.micro_batch_size={micro}", f"train.max_steps={steps + 1}",
         f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
@@ -153,7 +153,7 @@ def worker_scalora(a) -> dict:
     summary = json.load(open(os.path.join(a.out, "summary.json")))
     return {"tokens": sum(tokens), "seconds": sum(seconds), "peak_gb": summary["peak_memory_gb"],
             "warmup_s": rows[0]["train/tokens"] / rows[0]["train/tokens_per_s"],  # step 1: compiles, if any
-            "step_s": seconds}
+            "step_s": seconds, "dtype": summary["compute_dtype"]}  # model.dtype auto: bf16 on AMX CPUs for h >= 512
 
 
 def _hf_setup(a):
@@ -211,12 +211,22 @@ def worker_peft(a) -> dict:
     model.train()
     _reset_peak()
     tokens = seconds = 0.0
+    if a.stack == "peft-pack":  # scalora's packed rows, split by their position ids (transformers' own mask)
+        from scalora.data import collate
+
+        model.config.use_cache = False
+
+        def make_batch(rows):
+            return {k: v.to(device) for k, v in collate(rows, tok.pad_token_id, block_mask=False).items()}
+    else:
+        def make_batch(rows):
+            return _pad(rows, tok.pad_token_id, device)
     for step in range(steps + 1):
         t0 = time.perf_counter()
         batch_rows = [examples[i] for i in _order(step, len(examples), G, cfg.train.seed)]
         for i in range(0, G, micro):
             rows = batch_rows[i:i + micro]
-            out = model(**_pad(rows, tok.pad_token_id, device))
+            out = model(**make_batch(rows))
             (out.loss / (G // micro)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -226,7 +236,7 @@ def worker_peft(a) -> dict:
         if step > 0:
             tokens += sum(len(r["input_ids"]) for r in batch_rows)
             seconds += time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds, "peak_gb": _peak()}
+    return {"tokens": tokens, "seconds": seconds, "peak_gb": _peak(), "dtype": str(model.dtype).removeprefix("torch.")}
 
 
 def worker_trainer(a) -> dict:
@@ -276,7 +286,8 @@ def worker_trainer(a) -> dict:
             return torch.utils.data.SequentialSampler(self.train_dataset)  # noqa: ARG002
 
     InOrder(model=model, args=args, train_dataset=ds, data_collator=collate, callbacks=[clock]).train()
-    return {"tokens": clock.tokens, "seconds": clock.seconds, "peak_gb": _peak()}
+    return {"tokens": clock.tokens, "seconds": clock.seconds, "peak_gb": _peak(),
+            "dtype": "bfloat16" if args.bf16 else str(model.dtype).removeprefix("torch.")}
 
 
 def worker(a) -> None:
@@ -285,7 +296,8 @@ def worker(a) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
     fn = {"scalora-pad": worker_scalora, "scalora-pack": worker_scalora, "scalora-best": worker_scalora,
-          "scalora-compile": worker_scalora, "peft": worker_peft, "trainer": worker_trainer}[a.stack]
+          "scalora-compile": worker_scalora, "peft": worker_peft, "peft-pack": worker_peft,
+          "trainer": worker_trainer}[a.stack]
     result = fn(a)
     result["tokens_per_s"] = result["tokens"] / max(1e-9, result["seconds"])
     print("RESULT " + json.dumps(result), flush=True)
@@ -421,11 +433,15 @@ def main() -> None:
             raise SystemExit("--gpu: no CUDA GPU is visible to torch")
         a.sizes, a.repeats, a.live_memory, a.no_profile = "1b", 1, "", True
         stacks.append("scalora-best")
-    if a.compile:
-        stacks.append("scalora-compile")
+    if a.compile:  # compiled layers against the same packed rows in a peft loop
+        stacks += ["scalora-compile", "peft-pack"]
     data = build_data(long=a.gpu)
     peak = matmul_peak(a.threads)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {a.threads} threads, fp32"
+    from scalora.hardware import cpu_features
+
+    feats = cpu_features()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU {feats.get('model', '?')} ({', '.join(feats['flags']) or 'no AVX2'}), {a.threads} threads"
     spec = next((v for k, v in SPEC_BF16.items() if k in device), None)
     print(f"device: {device} | measured matmul peak {peak / 1e9:.1f} GFLOP/s"
           + (f" | spec bf16 peak {spec / 1e12:.0f} TFLOP/s (MFU below is against the measured peak)" if spec else ""),
@@ -477,7 +493,7 @@ def summarize(results: dict) -> dict:
 
     peak = results["matmul_peak_flops"]
     out = {}
-    print("\nsize  | stack         | useful tok/s | peak GiB | MFU    | pad tok/s vs peft | vs Trainer | peak vs peft")
+    print("\nsize  | stack         | dtype    | useful tok/s | peak GiB | MFU*   | vs peft | vs Trainer | peak vs peft")
     for size, runs in results["runs"].items():
         med = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
         mem = {s: statistics.median(r["peak_gb"] for r in rs) for s, rs in runs.items()}
@@ -486,13 +502,15 @@ def summarize(results: dict) -> dict:
         for s in runs:
             mfu = med[s] * step_flops_per_token(size, seq) / peak
             nan = float("nan")
-            row[s] = {"tokens_per_s": med[s], "peak_gb": mem[s], "mfu": mfu,
+            row[s] = {"tokens_per_s": med[s], "peak_gb": mem[s], "mfu": mfu, "dtype": runs[s][0].get("dtype"),
                       "vs_peft": med[s] / med.get("peft", nan), "vs_trainer": med[s] / med.get("trainer", nan),
                       "peak_vs_peft": mem[s] / mem.get("peft", nan), "peak_vs_trainer": mem[s] / mem.get("trainer", nan)}
-            print(f"{size:<5} | {s:<13} | {med[s]:12.1f} | {mem[s]:8.3f} | {mfu:6.1%} | {row[s]['vs_peft']:17.2f} | "
+            print(f"{size:<5} | {s:<13} | {row[s]['dtype'] or '?':<8} | {med[s]:12.1f} | {mem[s]:8.3f} | {mfu:6.1%} | "
+                  f"{row[s]['vs_peft']:7.2f} | "
                   f"{row[s]['vs_trainer']:10.2f} | {row[s]['peak_vs_peft']:.2f} (vs Trainer "
                   f"{row[s]['peak_vs_trainer']:.2f})")
         out[size] = row
+    print("* MFU against the fp32 (CPU) or bf16 (GPU) matmul peak measured above, whatever the row's dtype")
     return out
 
 
