@@ -133,7 +133,8 @@ def _run_config(a):
         f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
         "train.eval_every=0", "train.save_every=0", "data.max_eval_generate=0", "log.report_to=none",
         f"train.output_dir={a.out}", "train.overwrite=true", "train.max_grad_norm=1.0",
-        *(BEST if a.stack == "scalora-best" else []), *(["model.compile=true"] if a.stack == "scalora-compile" else [])])
+        *(BEST if a.stack == "scalora-best" else []),
+        *(["model.compile=true"] if a.stack in ("scalora-compile", "scalora-compile-pad") else [])])
 
 
 def _examples(cfg, tokenizer):
@@ -296,7 +297,8 @@ def worker(a) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
     fn = {"scalora-pad": worker_scalora, "scalora-pack": worker_scalora, "scalora-best": worker_scalora,
-          "scalora-compile": worker_scalora, "peft": worker_peft, "peft-pack": worker_peft,
+          "scalora-compile": worker_scalora, "scalora-compile-pad": worker_scalora, "peft": worker_peft,
+          "peft-pack": worker_peft,
           "trainer": worker_trainer}[a.stack]
     result = fn(a)
     result["tokens_per_s"] = result["tokens"] / max(1e-9, result["seconds"])
@@ -415,7 +417,9 @@ def main() -> None:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--live-memory", default="4m,30m",
                     help="sizes whose live peak (glibc caching off) is also measured, once per stack ('' for none)")
-    ap.add_argument("--compile", action="store_true", help="add scalora-compile: packed, model.compile=true")
+    ap.add_argument("--compile", action="store_true", help="add scalora-compile(-pad) (model.compile=true, packed / "
+                    "padded) and peft-pack (the peft loop on the same packed rows)")
+    ap.add_argument("--stacks", default="", help="only these stacks, comma-separated")
     ap.add_argument("--gpu", action="store_true", help="GPU mode: the 1b size at sequence 2048, one repeat, "
                     "scalora-best added, failures reported and skipped")
     ap.add_argument("--worker"), ap.add_argument("--size"), ap.add_argument("--model"), ap.add_argument("--data")
@@ -433,8 +437,10 @@ def main() -> None:
             raise SystemExit("--gpu: no CUDA GPU is visible to torch")
         a.sizes, a.repeats, a.live_memory, a.no_profile = "1b", 1, "", True
         stacks.append("scalora-best")
-    if a.compile:  # compiled layers against the same packed rows in a peft loop
-        stacks += ["scalora-compile", "peft-pack"]
+    if a.compile:  # compiled layers, padded and packed; a peft loop on the same packed rows
+        stacks += ["scalora-compile-pad", "scalora-compile", "peft-pack"]
+    if a.stacks:
+        stacks = a.stacks.split(",")
     data = build_data(long=a.gpu)
     peak = matmul_peak(a.threads)
     from scalora.hardware import cpu_features

@@ -171,7 +171,7 @@ def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dt
         apply_liger_kernel(model)
     peft_model = get_peft_model(model, lora_config(cfg, path))
     if cfg.model.compile:
-        compile_layers(model)
+        compile_layers(model, dynamic=None if cfg.data.packing else True)
     return peft_model, tokenizer, path
 
 
@@ -185,12 +185,14 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
                     "model.compile=false")
 
 
-def compile_layers(model: torch.nn.Module) -> None:
+def compile_layers(model: torch.nn.Module, dynamic: Optional[bool] = None) -> None:
     """torch.compile each decoder layer in place (their LoRA layers included): the norms, rotary embedding, SiLU,
     dropout and adds of a layer fuse into a few kernels; the layer boundary keeps gradient checkpointing and
-    sharding hooks outside the compiled code. Same loss as eager to fp32 rounding (tests/test_lora_training.py)."""
+    sharding hooks outside the compiled code. Same loss as eager to fp32 rounding (tests/test_lora_training.py).
+    `dynamic=True` (padded batches, a new length each micro-batch): one kernel for every sequence length instead of
+    a compile per length; packed rows keep one shape and compile static (None)."""
     for layer in decoder_layers(model):
-        layer.compile()
+        layer.compile(dynamic=dynamic)
 
 
 def apply_liger_kernel(model: torch.nn.Module) -> None:
