@@ -348,8 +348,10 @@ def matmul_peak(threads: int, seconds: float = 3.0) -> float:
     return best
 
 
-def profile_step(model_path: str, data: str, size: str, threads: int) -> list[tuple[str, float]]:
-    """Share of one scalora training step's CPU time by kind of operator (torch.profiler, self time)."""
+def profile_step(model_path: str, data: str, size: str, threads: int, compiled: bool = False
+                 ) -> list[tuple[str, float]]:
+    """Share of one scalora training step's CPU time by kind of operator (torch.profiler, self time); `compiled`:
+    with model.compile (inductor's fused kernels show as "other")."""
     import torch
 
     from scalora.data import collate
@@ -359,12 +361,17 @@ def profile_step(model_path: str, data: str, size: str, threads: int) -> list[tu
     torch.set_num_threads(threads)
     a = argparse.Namespace(model=model_path, data=data, size=size, stack="scalora-pack", out="/tmp/scalora-profile")
     cfg = _run_config(a)
+    if compiled:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=True))
     model, tok, _ = build_model(cfg)
     examples = _examples(cfg, tok)
-    batch = collate(examples[:RUN[size][1]], tok.pad_token_id)
+    batch = collate(examples[:RUN[size][1]], tok.pad_token_id, pad_to=cfg.data.max_length if compiled else None)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
-    for i in range(2):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if i else _Null() as prof:
+    for i in range(3 if compiled else 2):  # compiled: two warm-up steps (compile, then the backward's)
+        last = i == (2 if compiled else 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if last else _Null() as prof:
             token_loss_sum(model, batch).backward()
             opt.step()
             opt.zero_grad()
@@ -380,6 +387,8 @@ def profile_step(model_path: str, data: str, size: str, threads: int) -> list[tu
         kind = next((k for k, keys in kinds.items() if any(s in name for s in keys)), None)
         totals[kind or "other (elementwise, norms, copies, autograd)"] += ev.self_cpu_time_total
     total = sum(totals.values()) or 1.0
+    print(f"profile ({size}, {'compiled' if compiled else 'eager'}): {total / 1e3:.0f} ms of CPU self time in one "
+          f"step, by kind: " + ", ".join(f"{k.split(' (')[0]} {v / 1e3:.0f}" for k, v in totals.items()), flush=True)
     return sorted(((k, v / total) for k, v in totals.items()), key=lambda kv: -kv[1])
 
 
