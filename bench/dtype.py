@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import write_results  # noqa: E402
+
 STEPS = {"4m": 12, "30m": 6, "120m": 3}
 
 
@@ -106,10 +108,7 @@ def main() -> None:
             print(f"{size:<5} | {d:<8} | {med[d]:12.1f} | {peak[d]:8.3f} | "
                   f"{(f'{ratio:11.2f}' if d == 'bfloat16' else ' ' * 11)} | "
                   f"{(f'{loss_diff:.2%}' if d == 'bfloat16' else '')}", flush=True)
-    os.makedirs(os.path.dirname(a.out_json), exist_ok=True)
-    with open(a.out_json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwritten: {a.out_json}")
+    write_results(a.out_json, results)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import write_results  # noqa: E402 (bench/, the script's folder)
+
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
              num_key_value_heads=8, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False)
 RUNS = [("single", None, 1), ("ddp", "launch/ddp.yaml", 2), ("zero3", "launch/zero3.yaml", 2),
@@ -121,9 +123,7 @@ def main() -> None:
                 print(f"{kind:<10} | {name:<12} | {n:9d} | {', '.join(f'{x:.2f}' for x in r['loading_gb']):25} | "
                       f"{r['predicted_loading_gb']:9.2f} | {', '.join(f'{x:.2f}' for x in r['training_gb']):26} | "
                       f"{r['first_loss']:.6f}", flush=True)
-    os.makedirs(os.path.dirname(a.out_json), exist_ok=True)
-    with open(a.out_json, "w") as f:
-        json.dump(results, f, indent=2)
+    write_results(a.out_json, results)
 
 
 if __name__ == "__main__":

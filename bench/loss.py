@@ -12,16 +12,16 @@ largest difference in loss and gradient. Results go to bench/results/loss.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import emit_result, run_worker, write_results  # noqa: E402 (bench/, the script's folder)
 
 
 def _rss_peak() -> int:
@@ -51,19 +51,14 @@ def worker(a) -> None:
         loss = ChunkedLinearCrossEntropy.apply(hidden, weight, None, labels, max(1, CHUNK_BYTES // (4 * a.vocab)))
     loss.backward()
     seconds = time.perf_counter() - t0
-    print("RESULT " + json.dumps({"seconds": seconds, "peak_bytes": _rss_peak() - before, "loss": loss.item(),
-                                  "grad": hidden.grad[:64].tolist()}), flush=True)
+    emit_result({"seconds": seconds, "peak_bytes": _rss_peak() - before, "loss": loss.item(),
+                 "grad": hidden.grad[:64].tolist()})
 
 
 def measure(path: str, tokens: int, a) -> dict:
     cmd = [sys.executable, __file__, "--worker", path, "--tokens", str(tokens), "--vocab", str(a.vocab),
            "--hidden", str(a.hidden), "--threads", str(a.threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if p.returncode or not line:
-        raise RuntimeError(f"{path} {tokens} failed:\n{p.stderr[-3000:]}")
-    return json.loads(line[-1][7:])
+    return run_worker(cmd, dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"), f"{path} {tokens}")
 
 
 def main() -> None:
@@ -107,10 +102,7 @@ def main() -> None:
             diffs = f"{loss_diff:.1e}, {grad_diff:.1e}" if path == "chunked" else ""
             print(f"{tokens:6d} | {path:<7} | {sec[path]:7.2f} | {mem[path] / 2**30:8.2f} | {logits:21.2f} | "
                   f"{ratio:29} | {diffs}", flush=True)
-    os.makedirs(os.path.dirname(a.out_json), exist_ok=True)
-    with open(a.out_json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"written: {a.out_json}")
+    write_results(a.out_json, results)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,14 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from common import emit_result, run_worker, write_results  # noqa: E402 (bench/, the script's folder)
 
 SIZES = {  # Llama shapes; vocabulary of the builtin tokenizer (~220 words), untied head
     "4m": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2),
@@ -53,6 +54,12 @@ RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger t
     "1b": (16, 4, 2048, 3),
 }
 BEST = ["model.liger_kernel=true", "train.chunked_loss=liger", "model.compile=true"]  # scalora-best: GPU levers
+PACK, COMPILE = ["data.packing=true"], ["model.compile=true"]
+STACKS = {  # name: (which loop, run-config overrides on top of the shared settings)
+    "scalora-pad": ("scalora", []), "scalora-pack": ("scalora", PACK), "scalora-compile-pad": ("scalora", COMPILE),
+    "scalora-compile": ("scalora", PACK + COMPILE), "scalora-best": ("scalora", PACK + BEST),
+    "peft": ("peft", []), "peft-pack": ("peft", PACK), "trainer": ("trainer", []),
+}
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 2e-4
 
@@ -127,14 +134,13 @@ def _run_config(a):
     G, micro, length, steps = RUN[a.size]
     return load_config(None, [
         f"model.name_or_path={a.model}", f"data.train_file={a.data}", "data.validation_fraction=0",
-        f"data.max_length={length}", f"data.packing={'true' if a.stack in ('scalora-pack', 'scalora-best', 'scalora-compile', 'peft-pack') else 'false'}",
+        f"data.max_length={length}", "data.packing=false",
         f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['alpha']}", f"lora.lora_dropout={LORA['dropout']}",
         f"train.global_batch_size={G}", f"train.micro_batch_size={micro}", f"train.max_steps={steps + 1}",
         f"train.lr={LR}", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
         "train.eval_every=0", "train.save_every=0", "data.max_eval_generate=0", "log.report_to=none",
         f"train.output_dir={a.out}", "train.overwrite=true", "train.max_grad_norm=1.0",
-        *(BEST if a.stack == "scalora-best" else []),
-        *(["model.compile=true"] if a.stack in ("scalora-compile", "scalora-compile-pad") else [])])
+        *STACKS[a.stack][1]])
 
 
 def _examples(cfg, tokenizer):
@@ -212,7 +218,7 @@ def worker_peft(a) -> dict:
     model.train()
     _reset_peak()
     tokens = seconds = 0.0
-    if a.stack == "peft-pack":  # scalora's packed rows, split by their position ids (transformers' own mask)
+    if cfg.data.packing:  # peft-pack: scalora's packed rows, split by their position ids (transformers' own mask)
         from scalora.data import collate
 
         model.config.use_cache = False
@@ -296,13 +302,10 @@ def worker(a) -> None:
 
     if not torch.cuda.is_available():
         torch.set_num_threads(a.threads)
-    fn = {"scalora-pad": worker_scalora, "scalora-pack": worker_scalora, "scalora-best": worker_scalora,
-          "scalora-compile": worker_scalora, "scalora-compile-pad": worker_scalora, "peft": worker_peft,
-          "peft-pack": worker_peft,
-          "trainer": worker_trainer}[a.stack]
+    fn = {"scalora": worker_scalora, "peft": worker_peft, "trainer": worker_trainer}[STACKS[a.stack][0]]
     result = fn(a)
     result["tokens_per_s"] = result["tokens"] / max(1e-9, result["seconds"])
-    print("RESULT " + json.dumps(result), flush=True)
+    emit_result(result)
 
 
 # --- FLOPs, the machine's matmul peak, a profile ------------------------------------------------------------------
@@ -359,12 +362,9 @@ def profile_step(model_path: str, data: str, size: str, threads: int, compiled: 
     from scalora.loss import token_loss_sum
 
     torch.set_num_threads(threads)
-    a = argparse.Namespace(model=model_path, data=data, size=size, stack="scalora-pack", out="/tmp/scalora-profile")
+    a = argparse.Namespace(model=model_path, data=data, size=size, out="/tmp/scalora-profile",
+                           stack="scalora-compile" if compiled else "scalora-pack")
     cfg = _run_config(a)
-    if compiled:
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compile=True))
     model, tok, _ = build_model(cfg)
     examples = _examples(cfg, tok)
     batch = collate(examples[:RUN[size][1]], tok.pad_token_id, pad_to=cfg.data.max_length if compiled else None)
@@ -410,11 +410,7 @@ def measure(stack: str, size: str, model: str, data: str, threads: int, live: bo
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     if live:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if p.returncode or not line:
-        raise RuntimeError(f"{stack} {size} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    return json.loads(line[-1][7:])
+    return run_worker(cmd, env, f"{stack} {size}", cwd=ROOT)
 
 
 def main() -> None:
@@ -496,10 +492,7 @@ def main() -> None:
         print(f"\nprofile of one scalora step ({size}, packed micro-batch), share of CPU time:")
         for k, v in results["profile"]["shares"]:
             print(f"  {k:<46} {v:6.1%}")
-    os.makedirs(os.path.dirname(a.out_json), exist_ok=True)
-    with open(a.out_json, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwritten: {a.out_json}")
+    write_results(a.out_json, results)
 
 
 def summarize(results: dict) -> dict:

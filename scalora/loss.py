@@ -92,8 +92,9 @@ def _head_returns_hidden(head: nn.Module) -> Iterator[None]:
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: Union[bool, str] = False) -> torch.Tensor:
-    """Sum of next-token cross-entropies over labelled tokens (fp32 logits). `chunked`: True, False, or "auto"
-    (chunked where the micro-batch's fp32 logits would pass CHUNK_BYTES).
+    """Sum of next-token cross-entropies over labelled tokens (fp32 logits). `chunked`: True, False, "auto"
+    (chunked where the micro-batch's fp32 logits would pass CHUNK_BYTES) or "liger" (liger-kernel's fused version).
+    Where the head's weight is sharded (ZeRO-3), the head runs whole on the hidden states instead.
 
     The labels are shifted, not the logits: in fp32 (CPUs) a sliced view of the logits was copied whole by the
     reshape, one more (B, T-1, V) fp32 tensor, the largest of the step for big vocabularies.
@@ -101,17 +102,15 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: Union[bool, s
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)  # (B*T,): token t predicts t+1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     head = _plain_head(_unwrapped(model)) if chunked else None
-    if chunked == "liger" and head is not None and not sharding.is_sharded(head.weight):
-        with _head_returns_hidden(head):
-            hidden = model(**inputs).logits
-        return _liger_loss_sum(hidden.reshape(-1, hidden.shape[-1]), head, labels)
     rows_per_chunk = max(1, CHUNK_BYTES // (4 * head.out_features)) if head is not None else 0
-    if head is not None and (chunked is True or labels.numel() > rows_per_chunk):
+    if head is not None and (chunked in (True, "liger") or labels.numel() > rows_per_chunk):
         with _head_returns_hidden(head):
             hidden = model(**inputs).logits  # (B, T, H): the head passed its input through
         if not sharding.is_sharded(head.weight):  # whole here; FSDP2 keeps the root's parameters whole until backward
-            return ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias,
-                                                   labels, rows_per_chunk)
+            flat = hidden.reshape(-1, hidden.shape[-1])
+            if chunked == "liger":
+                return _liger_loss_sum(flat, head, labels)
+            return ChunkedLinearCrossEntropy.apply(flat, head.weight, head.bias, labels, rows_per_chunk)
         logits = head(hidden.to(head.weight.dtype)).float()  # ZeRO-3 released it: the head gathers it, whole logits
     else:
         logits = model(**inputs).logits.float()  # a no-op in fp32; the one upcast copy in bf16 / fp16

@@ -100,3 +100,25 @@ def copy_lora(src, dst) -> None:
 def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def assert_lora_parity(ours, theirs, ids: torch.Tensor, atol: float, grad_rtol: float) -> None:
+    """scalora's and peft's models: the same parameter names and trainable set, logits within atol, and every LoRA
+    gradient non-zero and within (grad_rtol, atol) of peft's, on the token batch `ids`."""
+    names = [n for n, _ in ours.named_parameters()]
+    assert names == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
+        [n for n, p in theirs.named_parameters() if p.requires_grad]
+    out_o = ours(input_ids=ids, labels=ids)
+    out_t = theirs(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out_o.logits, out_t.logits, rtol=0, atol=atol)
+    out_o.loss.backward()
+    out_t.loss.backward()
+    grads_t = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    checked = 0
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+            torch.testing.assert_close(p.grad, grads_t[n], rtol=grad_rtol, atol=atol)
+            checked += 1
+    assert checked > 0

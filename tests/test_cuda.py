@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import scalora
-from conftest import copy_lora, randomize_lora, tokens
+from conftest import assert_lora_parity, copy_lora, randomize_lora, tokens
 from helpers import losses, run, train_args
 
 pytestmark = [pytest.mark.cuda,
@@ -46,19 +46,7 @@ def test_quantized_lora_matches_peft_on_cuda(bits, saved_tiny_models):
                                  peft.LoraConfig(**cfg))
     randomize_lora(ours)
     copy_lora(ours, theirs)
-    ids = tokens().cuda()
-    a, b = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
-    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-4)
-    a.loss.backward()
-    b.loss.backward()
-    theirs_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    checked = 0
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
-            torch.testing.assert_close(p.grad, theirs_grads[n], rtol=1e-3, atol=1e-4)
-            checked += 1
-    assert checked > 0
+    assert_lora_parity(ours, theirs, tokens().cuda(), atol=1e-4, grad_rtol=1e-3)
 
 
 def test_auto_dtype_is_bf16_on_cuda():

@@ -9,7 +9,7 @@ import torch
 
 import scalora
 from scalora.core import quant
-from conftest import copy_lora, load_quantized, randomize_lora, tiny_model, tokens
+from conftest import assert_lora_parity, copy_lora, load_quantized, randomize_lora, tiny_model, tokens
 
 CONFIGS = {
     "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
@@ -32,24 +32,7 @@ def _pair(make_base, cfg):
 
 
 def _assert_parity(ours, theirs, atol=1e-5):
-    names = [n for n, _ in ours.named_parameters()]
-    assert names == [n for n, _ in theirs.named_parameters()]
-    assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
-        [n for n, p in theirs.named_parameters() if p.requires_grad]
-    ids = tokens()
-    out_o = ours(input_ids=ids, labels=ids)
-    out_t = theirs(input_ids=ids, labels=ids)
-    torch.testing.assert_close(out_o.logits, out_t.logits, rtol=0, atol=atol)
-    out_o.loss.backward()
-    out_t.loss.backward()
-    grads_t = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    checked = 0
-    for n, p in ours.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
-            torch.testing.assert_close(p.grad, grads_t[n], rtol=1e-4, atol=atol)
-            checked += 1
-    assert checked > 0
+    assert_lora_parity(ours, theirs, tokens(), atol=atol, grad_rtol=1e-4)
 
 
 FP32_CASES = [(a, c) for a in ("llama", "qwen2", "gpt2") for c in CONFIGS if (a, c) != ("qwen2", "suffixes+rslora")]
