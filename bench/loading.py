@@ -5,8 +5,10 @@
 The model is built here from a config (random weights), quantized by bitsandbytes and saved with save_pretrained,
 then every run loads it through `scalora train` (the same from_pretrained path as any model) and trains one step.
 Each rank's loading peak is `summary.json`'s loading_peak_memory_gb_per_rank (resident high-water mark until the
-model is prepared; glibc's caching off so that it is the live peak), the training peak beside it. Results go to
-bench/results/loading.json.
+model is prepared; glibc's caching off so that it is the live peak), and the model's part of it
+loading_model_memory_gb_per_rank (the peak while the model was built, less what the process held before), the
+planner's figures and the training peak beside them. "-whole" runs load the whole base on every process before it
+is sharded (dist.low_memory_loading=false). Results go to bench/results/loading.json.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ from common import write_results  # noqa: E402 (bench/, the script's folder)
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
              num_key_value_heads=8, vocab_size=8192, max_position_embeddings=512, tie_word_embeddings=False)
-RUNS = [("single", None, 1), ("ddp", "launch/ddp.yaml", 2), ("zero3", "launch/zero3.yaml", 2),
-        ("zero3+init", "zero3_init", 2), ("fsdp", "launch/fsdp.yaml", 2)]
+# (name, launch file, processes, dist.low_memory_loading): "-whole" is the path where every process loads the
+# whole base before it is sharded (the only one before low-memory loading; DeepSpeed's zero3_init_flag did not
+# change it: quantization happens outside zero.Init)
+RUNS = [("single", None, 1, True), ("ddp", "launch/ddp.yaml", 2, True), ("zero3-whole", "launch/zero3.yaml", 2, False),
+        ("zero3", "launch/zero3.yaml", 2, True), ("fsdp-whole", "launch/fsdp.yaml", 2, False),
+        ("fsdp", "launch/fsdp.yaml", 2, True)]
 CHECKPOINTS = ("nf4", "fp32")  # saved already quantized; saved in fp32 and quantized while loading
 
 
@@ -53,35 +59,35 @@ def build(folder: Path) -> dict[str, str]:
     return {"nf4": str(path), "fp32": str(full)}
 
 
-def _args(model: str, data: str, out: Path, name: str) -> list[str]:
-    return [f"model.name_or_path={model}", f"data.train_file={data}", "data.max_length=64", "train.max_steps=1",
+def _args(model: str, data: str, out: Path, name: str, low_memory: bool = True) -> list[str]:
+    return [f"dist.low_memory_loading={str(low_memory).lower()}", f"model.name_or_path={model}", f"data.train_file={data}", "data.max_length=64", "train.max_steps=1",
             "train.global_batch_size=4", "train.micro_batch_size=2", "train.save_every=0", "train.eval_every=0",
             "data.max_eval_generate=0", "data.validation_fraction=0", "log.report_to=none",
             f"train.output_dir={out / name}", "train.overwrite=true", "model.gradient_checkpointing=true",
             "model.dtype=float32"]  # the checkpoint stores its packed weights in fp32; ZeRO-3 and FSDP need the same
 
 
-def predicted(name: str, processes: int, model: str, data: str, out: Path, runtime: float) -> float:
-    """scalora plan's loading peak per process for this run (--device cpu: the runtime measured here), GiB."""
+def predicted(name: str, processes: int, low_memory: bool, model: str, data: str, out: Path,
+              runtime: float) -> tuple[float, float]:
+    """scalora plan's loading peak per process for this run (--device cpu: the runtime measured here) and, of it,
+    the model's part (plan.loading_bytes), GiB."""
     from scalora import plan as P
     from scalora.config import load_config
 
-    cfg = load_config(None, _args(model, data, out, name))
+    cfg = load_config(None, _args(model, data, out, name, low_memory))
     shape = P.model_shape(model, cfg.lora.target_modules, cfg.lora.exclude_modules, cfg.lora.r)
     st = P.settings_from_config(cfg, "cpu", runtime, shape.hidden)
-    return P.estimate(shape, st, name.split("+")[0], processes).loading / 2**30
+    strategy = name.split("-")[0]
+    return (P.estimate(shape, st, strategy, processes).loading / 2**30,
+            P.loading_bytes(shape, st, strategy, processes) / 2**30)
 
 
-def run(name: str, launch: str | None, processes: int, model: str, data: str, out: Path) -> dict:
-    args = _args(model, data, out, name)
+def run(name: str, launch: str | None, processes: int, low_memory: bool, model: str, data: str, out: Path) -> dict:
+    args = _args(model, data, out, name, low_memory)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     if launch is None:
         cmd = [sys.executable, "-m", "scalora", "train", *args]
     else:
-        if launch == "zero3_init":  # the same launch file with DeepSpeed partitioning while transformers loads
-            launch = str(out / "zero3_init.yaml")
-            Path(launch).write_text((ROOT / "launch/zero3.yaml").read_text().replace(
-                "zero3_init_flag: false", "zero3_init_flag: true"))
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "--num_processes",
                str(processes), "-m", "scalora", "train", *args]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -89,7 +95,8 @@ def run(name: str, launch: str | None, processes: int, model: str, data: str, ou
         errors = [line for line in p.stderr.splitlines() if line.startswith(("error", "RuntimeError"))]
         return {"error": errors[0] if errors else f"exit {p.returncode}"}
     s = json.load(open(out / name / "summary.json"))
-    return {"loading_gb": s["loading_peak_memory_gb_per_rank"], "training_gb": s["peak_memory_gb_per_rank"],
+    return {"loading_gb": s["loading_peak_memory_gb_per_rank"], "model_gb": s["loading_model_memory_gb_per_rank"],
+            "training_gb": s["peak_memory_gb_per_rank"],
             "first_loss": json.loads(open(out / name / "metrics.jsonl").readline())["train/loss"]}
 
 
@@ -109,19 +116,21 @@ def main() -> None:
     from scalora.plan import cpu_runtime_bytes
 
     runtime = cpu_runtime_bytes()
-    print("checkpoint | run          | processes | loading peak GiB per rank | predicted | training peak GiB per rank "
-          "| first loss")
+    print("checkpoint | run          | processes | loading peak GiB per rank | predicted | the model's part | "
+          "predicted | training peak GiB per rank | first loss")
     results: dict = {}
     for kind in CHECKPOINTS:
-        for name, launch, n in RUNS:
-            r = run(f"{kind}-{name}", launch, n, models[kind], data, work)
-            r["predicted_loading_gb"] = predicted(name, n, models[kind], data, work, runtime)
+        for name, launch, n, low in RUNS:
+            r = run(f"{kind}-{name}", launch, n, low, models[kind], data, work)
+            r["predicted_loading_gb"], r["predicted_model_gb"] = predicted(name, n, low, models[kind], data, work,
+                                                                           runtime)
             results[f"{kind}/{name}"] = r
             if "error" in r:
                 print(f"{kind:<10} | {name:<12} | {n:9d} | failed: {r['error'][:80]}", flush=True)
             else:
                 print(f"{kind:<10} | {name:<12} | {n:9d} | {', '.join(f'{x:.2f}' for x in r['loading_gb']):25} | "
-                      f"{r['predicted_loading_gb']:9.2f} | {', '.join(f'{x:.2f}' for x in r['training_gb']):26} | "
+                      f"{r['predicted_loading_gb']:9.2f} | {', '.join(f'{x:.2f}' for x in r['model_gb']):16} | "
+                      f"{r['predicted_model_gb']:9.2f} | {', '.join(f'{x:.2f}' for x in r['training_gb']):26} | "
                       f"{r['first_loss']:.6f}", flush=True)
     write_results(a.out_json, results)
 

@@ -141,6 +141,9 @@ class DistConfig:
     launch_config: Optional[str] = _f(None, "accelerate launch file (launch/*.yaml) used by `scalora train`")
     num_processes: int = _f(1, "processes to start when launch_config is set")
     threads_per_process: int = _f(0, "CPU threads per process; 0: cores / local processes")
+    low_memory_loading: bool = _f(True, "under ZeRO-3 and FSDP, load the base one decoder layer at a time and shard "
+                                        "it at once (each process holds its shard plus one layer); false: every "
+                                        "process loads the whole base before it is sharded")
 
 
 @dataclass(frozen=True)

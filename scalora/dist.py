@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -185,6 +185,48 @@ def device_map(accelerator) -> Any:
     return None if topology(accelerator) == "zero3" else {"": accelerator.device}
 
 
+def layer_sharder(accelerator, cfg, dtype: torch.dtype) -> Optional[Callable[[torch.nn.Module], None]]:
+    """How low-memory loading shards a decoder layer as soon as it is filled (scalora/loading.py), with the settings
+    accelerate and DeepSpeed use when they shard the whole model later; None where the base loads whole: one
+    process, DDP, ZeRO-1/2, `dist.low_memory_loading=false`, or an FSDP wrap policy other than per decoder layer."""
+    kind = topology(accelerator)
+    if not cfg.dist.low_memory_loading or kind not in ("zero3", "fsdp"):
+        return None
+    if kind == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        plugin = accelerator.state.fsdp_plugin
+        policy = getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy)
+        if plugin.fsdp_version != 2 or policy not in (transformer_auto_wrap_policy, "transformer_based_wrap"):
+            return None
+        kwargs: dict[str, Any] = dict(reshard_after_forward=plugin.reshard_after_forward,
+                                      offload_policy=plugin.cpu_offload,
+                                      mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+        mesh = getattr(accelerator, "torch_device_mesh", None)
+        if mesh is not None:
+            kwargs["mesh"] = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+
+        def shard(layer: torch.nn.Module) -> None:
+            fully_shard(layer, **kwargs)
+            # fully_shard renames the layer's class (FSDPLlamaDecoderLayer); accelerate looks the layer class up
+            # by name when it wraps the rest, and skips what is sharded already
+            plugin.transformer_cls_names_to_wrap = [type(layer).__name__]
+
+        return shard
+
+    import deepspeed
+
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    offload = zero.get("offload_param") or {}
+    remote = offload.get("device") if offload.get("device") not in (None, "none") else None
+    # as DeepSpeed's engine converts the parameters it finds unpartitioned (parameter_offload.py); the parts it
+    # converts later (embeddings, head) take these settings from the first partitioned parameter.
+    init = dict(dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32, remote_device=remote,
+                pin_memory=bool(offload.get("pin_memory", False)))
+    return lambda layer: deepspeed.zero.Init(module=layer, **init)
+
+
 def peak_memory_bytes() -> int:
     """Peak memory of this process since it started or since the last `reset_peak_memory` (GPU: allocated by torch;
     CPU: resident set, Linux)."""
@@ -197,6 +239,17 @@ def peak_memory_bytes() -> int:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def resident_memory_bytes() -> int:
+    """Memory this process holds now (GPU: allocated by torch; CPU: resident set, Linux; 0 where unknown)."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def reset_peak_memory() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -160,19 +160,39 @@ def lora_config(cfg: RunConfig, base_path: str) -> LoraConfig:
     return LoraConfig(**dataclasses.asdict(cfg.lora), task_type="CAUSAL_LM", base_model_name_or_path=base)
 
 
-def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dtype] = None
-                ) -> tuple[PeftModel, Any, str]:
-    """(LoRA-wrapped model, tokenizer, resolved base path)."""
+def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dtype] = None,
+                shard_layer: Optional[Callable[[torch.nn.Module], None]] = None,
+                device: Optional[torch.device] = None) -> tuple[PeftModel, Any, str]:
+    """(LoRA-wrapped model, tokenizer, resolved base path); the arguments as for `build_peft_model`."""
     path = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg, path)
-    model = load_base(cfg, path, device_map, dtype)
+    return build_peft_model(cfg, path, device_map, dtype, shard_layer, device), tokenizer, path
+
+
+def build_peft_model(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional[torch.dtype] = None,
+                     shard_layer: Optional[Callable[[torch.nn.Module], None]] = None,
+                     device: Optional[torch.device] = None) -> PeftModel:
+    """The base at `path`, prepared for k-bit training, with the run's LoRA. With `shard_layer` (ZeRO-3, FSDP:
+    dist.layer_sharder), the base is loaded one decoder layer at a time onto `device`, each layer handed to
+    `shard_layer` as soon as it is filled (scalora/loading.py): the same model, a fraction of the memory."""
+    if shard_layer is None:
+        model = load_base(cfg, path, device_map, dtype)
+    else:
+        from . import loading
+
+        folder = loading.local_folder(cfg, path)
+        model = loading.skeleton(cfg, folder, dtype if dtype is not None else run_compute_dtype(cfg, path)[0])
+        loader = loading.LayerwiseLoader(model, folder, decoder_layers(model))
     prepare_for_training(model, cfg)
     if cfg.model.liger_kernel:
         apply_liger_kernel(model)
     peft_model = get_peft_model(model, lora_config(cfg, path))
+    if shard_layer is not None:
+        layers = decoder_layers(model)
+        loader.load(device or torch.device("cpu"), lambda i: shard_layer(layers[i]))
     if cfg.model.compile:
         compile_layers(model, dynamic=None if cfg.data.packing else True)
-    return peft_model, tokenizer, path
+    return peft_model
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

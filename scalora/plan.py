@@ -84,6 +84,7 @@ class Settings:
     chunked_loss: Any = "auto"          # train.chunked_loss: True, False or "auto"
     device: str = "gpu"                 # gpu | cpu
     cpu_overhead: float = 0.0           # bytes of the CPU runtime (measured), device == "cpu"
+    low_memory_loading: bool = True     # dist.low_memory_loading: ZeRO-3 / FSDP load the base layer by layer
 
 
 @dataclass
@@ -243,15 +244,27 @@ def loss_bytes(s: Shape, st: Settings) -> float:
 
 
 def loading_bytes(s: Shape, st: Settings, strategy: str, devices: int) -> float:
-    """Device memory while the base loads, before any sharding: every process loads the whole quantized base onto
-    its device (ZeRO-3 loads it into host memory and partitions it onto the GPU when the engine starts: on a CPU,
-    host memory is the device's), and a weight being quantized is held once in the compute dtype beside it.
-    Sharding divides the base only after this peak."""
+    """Device memory while the base loads, before training starts, with the adapters (made whole, then sharded).
+
+    ZeRO-3 and FSDP with low-memory loading (scalora/loading.py): each process keeps its shard of the decoder
+    layers (in host memory with parameter offload), the embeddings and head whole (accelerate shards them at
+    prepare), and one layer in flight: its weights in the compute dtype while they are quantized, beside the packed
+    result. Otherwise every process loads the whole
+    quantized base onto its device (ZeRO-3 into host memory, partitioned onto the GPU when the engine starts; on a
+    CPU, host memory is the device's), a weight being quantized held once in the compute dtype beside it."""
     shardable, replicated = base_weight_bytes(s, st)
+    lora = s.lora_params * st.lora_bytes
+    sharded = strategy.startswith(("zero3", "fsdp")) and devices > 1
+    if sharded and st.low_memory_loading:
+        dense = s.dense_params * st.compute_bytes + s.norm_params * 4
+        packed = {4: 0.5, 8: 1.0}.get(st.bits, 0.0)
+        layer = s.quantized_numel / s.n_layers * (st.compute_bytes + packed)
+        layers = 0.0 if strategy.endswith("_offload") else (shardable - dense) / devices  # offload: host memory
+        return layers + dense + replicated + layer + lora
     transient = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
-    if strategy.startswith("zero3") and devices > 1 and st.device == "gpu":
-        return shardable / devices + replicated
-    return shardable + replicated + transient
+    if sharded and strategy.startswith("zero3") and st.device == "gpu":
+        return shardable / devices + replicated + lora
+    return shardable + replicated + transient + lora
 
 
 def activation_bytes(s: Shape, st: Settings, gradient_checkpointing: Optional[bool] = None) -> float:
@@ -329,7 +342,7 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
                     packed_mask=cfg.data.packing and needs_block_mask(cfg.model.attn_implementation),
                     chunked_loss=cfg.train.chunked_loss,
-                    device=device, cpu_overhead=cpu_overhead)
+                    device=device, cpu_overhead=cpu_overhead, low_memory_loading=cfg.dist.low_memory_loading)
 
 
 def cpu_runtime_bytes(deepspeed: bool = False) -> float:
@@ -386,8 +399,9 @@ def render(shape: Shape, st: Settings, rows: list[Estimate], gpu_memory: float, 
                      "or add devices")
     if any(e.fits(gpu_memory, paged) == "paged" for e in rows):
         lines.append("paged: fits only with the paged optimizer's state evicted to host memory (slower steps)")
-    lines.append("loading: every process loads the whole quantized base before it is sharded (ZeRO-3 into host "
-                 "memory); where loading binds, sharding cannot help until the base loads sharded")
+    lines.append("loading: under ZeRO-3 / FSDP each process loads its shard of the decoder layers, one layer at a "
+                 "time (dist.low_memory_loading), with the embeddings and head whole; elsewhere every process loads "
+                 "the whole quantized base")
     return "\n".join(lines)
 
 

@@ -113,20 +113,23 @@ def setup(cfg: RunConfig) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
+    accum = dist.accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, accelerator.num_processes)
+    dist.fill_deepspeed_config(accelerator, cfg, accum, dtype)
     t_start = time.time()
-    model, tokenizer, base_path = build_model(cfg, device_map=dist.device_map(accelerator), dtype=dtype)
+    early_peak, before_load = dist.reset_peak_memory(), dist.resident_memory_bytes()
+    model, tokenizer, base_path = build_model(cfg, device_map=dist.device_map(accelerator), dtype=dtype,
+                                              shard_layer=dist.layer_sharder(accelerator, cfg, dtype),
+                                              device=accelerator.device)
+    load_memory = dist.reset_peak_memory() - before_load  # what loading the model added to this process, at most
     with accelerator.main_process_first():  # rank 0 fills the tokenization cache, the others read it
         data = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     total = _total_steps(cfg, len(data.train))
     trainable, all_params = model.get_nb_trainable_parameters()  # before sharding splits them
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
-    dist.fill_deepspeed_config(accelerator, cfg, dist.accumulation_steps(cfg.train.global_batch_size,
-                                                                      cfg.train.micro_batch_size,
-                                                                      accelerator.num_processes), dtype)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
-    load_peak = dist.reset_peak_memory()  # from here on, the peak is training's (what `scalora plan` predicts)
+    load_peak = max(before_load + load_memory, dist.reset_peak_memory())  # from here on, the peak is training's (what `scalora plan` predicts)
     config_yaml = os.path.join(out, "config.yaml")
     if accelerator.is_main_process:
         if clear_old:
@@ -143,7 +146,8 @@ def setup(cfg: RunConfig) -> Run:
     tracker = Tracker(accelerator, cfg, out, tracker_name, run_id)
     tracker.truncate_after(start if resume_from else -1)  # a run killed before its first checkpoint restarts clean
     info = dict(threads=threads, base_path=base_path, trainable=trainable, all_params=all_params,
-                load_peak=load_peak, t_start=t_start, dtype=str(dtype).removeprefix("torch."), dtype_why=dtype_why,
+                load_peak=load_peak, load_memory=load_memory,
+                process_peak=max(early_peak, load_peak), t_start=t_start, dtype=str(dtype).removeprefix("torch."), dtype_why=dtype_why,
                 resume_from=resume_from)
     run = Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, data, params, total, start, run_id,
               tokens_before, tracker, Progress(accelerator.is_main_process, total, start), stopper, config_yaml,
@@ -307,11 +311,11 @@ def _finish(run: Run, tokens_seen: int, elapsed: float, skipped: int, first_eval
                "trainable_params": info["trainable"], "skipped_steps": skipped,
                "compute_dtype": info["dtype"], "compute_dtype_reason": info["dtype_why"], "cpu": cpu_features(),
                "peak_memory_gb": round(peak / 2**30, 3),
-               "peak_memory_gb_per_rank": [round(float(b) / 2**30, 3) for b in accelerator.gather(
-                   torch.tensor([float(peak)], device=accelerator.device)).tolist()],
-               "process_peak_memory_gb": round(max(info["load_peak"], peak) / 2**30, 3),
-               "loading_peak_memory_gb_per_rank": [round(float(b) / 2**30, 3) for b in accelerator.gather(
-                   torch.tensor([float(info["load_peak"])], device=accelerator.device)).tolist()],
+               "peak_memory_gb_per_rank": _per_rank_gb(accelerator, peak),
+               "process_peak_memory_gb": round(max(info["process_peak"], peak) / 2**30, 3),
+               "loading_peak_memory_gb_per_rank": _per_rank_gb(accelerator, info["load_peak"]),
+               # what loading the model added to the process (its peak while loading less what it held before)
+               "loading_model_memory_gb_per_rank": _per_rank_gb(accelerator, info["load_memory"]),
                "first_eval": first_eval, "final_eval": last_eval, "adapter": os.path.join(out, "final")}
     if accelerator.is_main_process:
         import json
@@ -323,3 +327,8 @@ def _finish(run: Run, tokens_seen: int, elapsed: float, skipped: int, first_eval
     accelerator.wait_for_everyone()
     run.tracker.finish()  # accelerate's end_training also ends the process group: last
     return summary
+
+
+def _per_rank_gb(accelerator, n_bytes: int) -> list[float]:
+    return [round(float(b) / 2**30, 3) for b in accelerator.gather(
+        torch.tensor([float(n_bytes)], device=accelerator.device)).tolist()]

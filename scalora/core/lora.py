@@ -201,5 +201,8 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 def _param_device(module: nn.Module) -> torch.device:
+    """Where a layer's adapter is created: beside the base weight, or on the CPU for a base still on the meta device
+    (filled later, layer by layer), as peft does: the adapter is then initialized from the same random stream as on
+    a loaded base."""
     p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    return p.device if p is not None and not p.is_meta else torch.device("cpu")

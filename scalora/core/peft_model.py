@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import interop
+from . import interop, quant
 from .adapter_io import get_peft_model_state_dict, read_tensors, set_peft_model_state_dict
 from .errors import UserError
 from .lora import Wrapper
@@ -97,13 +97,20 @@ class PeftModel(Wrapper, interop.peft_model_class()):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, counted as peft counts them (packed 4-bit weights unpacked)."""
         trainable = total = 0
-        for p in self.parameters():
-            n = p.numel()
-            if p.__class__.__name__ == "Params4bit":
-                n = n * 2 * p.element_size()
-            total += n
-            if p.requires_grad:
-                trainable += n
+        seen: set[int] = set()
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                # a ZeRO-3 partition's own numel is 0; a 4-bit weight counts its unpacked elements, also where
+                # sharding has replaced its Params4bit with a plain (D)Tensor of packed bytes
+                n = getattr(p, "ds_numel", None) or p.numel()
+                if quant.is_4bit(module) and name == "weight":
+                    n = module.in_features * module.out_features
+                total += n
+                if p.requires_grad:
+                    trainable += n
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

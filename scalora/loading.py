@@ -1,0 +1,207 @@
+"""Low-memory loading: the base read one decoder layer at a time and sharded at once (ZeRO-3, FSDP).
+
+transformers loads the whole (quantized) base into every process before accelerate hands it to DeepSpeed or FSDP;
+for a 4-bit Llama 3 70B that is ~35 GB per process, whatever the number of processes. Here every process instead:
+
+1. builds the model's skeleton on the meta device through transformers' own `from_pretrained` (its quantized
+   `Linear4bit` modules, dtypes, tied weights; no weight is read), and LoRA on it: the adapters are created on the
+   CPU at once, from the same random stream as on a loaded base, so a seed gives the same adapter;
+2. for each decoder layer in turn: reads that layer's tensors from the safetensors files, quantizes them as
+   transformers does (`Params4bit(...).to(device)`, or `Params4bit.from_prequantized` for a checkpoint saved in
+   4-bit), and hands the layer to `shard_layer` (FSDP2's `fully_shard`, DeepSpeed's `zero.Init(module=...)`), which
+   keeps this process's part and frees the rest;
+3. fills what is left (embeddings, final norm, head) whole; accelerate shards it when the model is prepared.
+
+A process's loading peak is then its shard of the base plus one layer (plus the embeddings and head), not the whole
+model; every process reads and quantizes every layer (the quantization is cheap next to reading). The model is the
+one the plain path builds, tensor for tensor (tests/test_loading.py), and trains to the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from .core.errors import UserError
+
+
+def checkpoint_files(folder: str) -> dict[str, str]:
+    """tensor name -> safetensors file, from the index of a sharded checkpoint or the single file."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    raise UserError(f"{folder} has no model.safetensors (or its index): low-memory loading reads safetensors "
+                    "checkpoints only; convert the checkpoint with save_pretrained, or set "
+                    "dist.low_memory_loading=false")
+
+
+def local_folder(cfg, path: str) -> str:
+    """The folder a model's files are in: `path` itself, or the hub cache's snapshot of a hub id."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, revision=cfg.model.revision, allow_patterns=["*.safetensors", "*.json"])
+
+
+def skeleton(cfg, path: str, dtype: torch.dtype) -> nn.Module:
+    """The base as transformers builds it before loading weights into it (its quantizer's `Linear4bit` modules, the
+    dtypes, tied weights), parameters on the meta device; buffers computed at construction (rotary frequencies)
+    are real. The steps are from_pretrained's own, without the loading."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.auto import get_hf_quantizer
+
+    from .model import load_hf_config, quantization_config
+
+    config = load_hf_config(cfg, path)
+    quantizer, config, _ = get_hf_quantizer(config, quantization_config(cfg, dtype), {"": "cpu"}, True, {})
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    try:  # from_pretrained's flag for a quantized model: no DeepSpeed zero.Init around the skeleton
+        from transformers.modeling_utils import set_quantized_state
+    except ImportError:  # pragma: no cover - older transformers
+        from contextlib import nullcontext as set_quantized_state
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as from_pretrained: the quantizer's new modules are made in the compute dtype
+    try:
+        with init_empty_weights(include_buffers=False), set_quantized_state():
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+            if quantizer is not None:
+                quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": "cpu"}, checkpoint_files=None,
+                                           use_kernels=False)
+    finally:
+        torch.set_default_dtype(default)
+    model.tie_weights()  # as from_pretrained does after loading (GPT-2's head is its embedding matrix)
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)
+    model.config.name_or_path = path
+    return model.eval()
+
+
+def read(files: dict[str, str], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The named tensors, each file opened for this call only: the pages of a memory-mapped file are let go once
+    the tensors made from them are."""
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        by_file[files[n]].append(n)
+    out = {}
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for k in keys:
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """id(tensor) -> every (module, attribute, full name) holding it (a tied tensor has several)."""
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = defaultdict(list)
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for kind in (module._parameters, module._buffers):
+            for attr, t in kind.items():
+                if t is not None:
+                    owners[id(t)].append((module, attr, f"{mname}.{attr}" if mname else attr))
+    return owners
+
+
+def _is_conv1d_source(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    source = getattr(module, "source_cls", None)
+    return isinstance(source, type) and issubclass(source, Conv1D)
+
+
+class LayerwiseLoader:
+    """The base's tensors, grouped by decoder layer, and how to fill them in (see the module's docstring).
+
+    Built on the bare transformers skeleton (before LoRA or freezing), so that the names are the checkpoint's and
+    each tensor's load dtype is what transformers gives it; filled after LoRA and the k-bit preparation, which keep
+    the same module objects (a LoRA layer holds the 4-bit layer as its `base_layer`)."""
+
+    def __init__(self, model: nn.Module, folder: str, layers: nn.ModuleList) -> None:
+        import bitsandbytes as bnb
+
+        self.files = checkpoint_files(folder)
+        self.prequantized = getattr(model, "hf_quantizer", None) is not None and model.hf_quantizer.pre_quantized
+        self.stats: dict[str, list[str]] = defaultdict(list)  # packed weight -> its statistics (absmax, ...)
+        for k in self.files:
+            if ".weight." in k:
+                self.stats[k.split(".weight.")[0] + ".weight"].append(k)
+        owners = _owners(model)
+        layer_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+        # unit (decoder layer index, None: the rest) -> [(holders, checkpoint name, load dtype, quantized)]
+        self.units: dict[Optional[int], list[tuple[list[tuple[nn.Module, str]], str, torch.dtype, bool]]] = \
+            defaultdict(list)
+        missing = []
+        for holders in owners.values():
+            module, attr, name = holders[0]
+            t = getattr(module, attr)
+            if not t.is_meta:
+                continue  # computed at construction (a non-persistent buffer made on the CPU)
+            if name not in self.files:
+                tied = [n for _, _, n in holders[1:] if n in self.files]
+                if not tied:
+                    missing.append(name)
+                    continue
+                name = tied[0]
+            self.units[layer_of.get(id(module))].append(([(m, a) for m, a, _ in holders], name, t.dtype,
+                                                         isinstance(t, bnb.nn.Params4bit)))
+        if missing:
+            raise UserError(f"low-memory loading found no tensor named {missing[0]!r} (and {len(missing) - 1} more) in "
+                            f"{folder}: the checkpoint's names differ from the model's (an older format that "
+                            "transformers renames while loading); set dist.low_memory_loading=false")
+        self.n_layers = len(layers)
+
+    def _fill(self, entries, device: torch.device) -> None:
+        import bitsandbytes as bnb
+
+        names = {name for _, name, _, _ in entries}
+        if self.prequantized:  # the 4-bit statistics stored beside each packed weight
+            names |= {k for n in list(names) for k in self.stats.get(n, ())}
+        tensors = read(self.files, names)
+        for holders, name, load_dtype, quantized in entries:
+            module, attr = holders[0]
+            old = getattr(module, attr)
+            if quantized and self.prequantized:
+                stats = {k: tensors[k] for k in self.stats[name]}
+                new = bnb.nn.Params4bit.from_prequantized(data=tensors[name], quantized_stats=stats,
+                                                          requires_grad=False, device=device, module=module)
+            elif quantized:  # as transformers' Bnb4bitQuantize does it (a GPT-2 Conv1D stores (in, out))
+                value = tensors[name].T if _is_conv1d_source(module) else tensors[name]
+                kwargs = {k: v for k, v in old.__dict__.items() if k != "module"}
+                new = bnb.nn.Params4bit(value.to(load_dtype), requires_grad=False, module=module,
+                                        **kwargs).to(device)
+            else:
+                value = tensors[name].to(device=device, dtype=load_dtype).to(old.dtype).clone()
+                new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
+                    else value
+            for m, a in holders:  # tied tensors stay one tensor
+                (m._parameters if a in m._parameters else m._buffers)[a] = new
+        del tensors
+
+    def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None,
+             progress: Optional[Callable[[int, int], None]] = None) -> None:
+        """Fill every decoder layer, calling `shard_layer(i)` after layer i, then the rest."""
+        for i in range(self.n_layers):
+            self._fill(self.units.get(i, []), device)
+            if shard_layer is not None:
+                shard_layer(i)
+            if progress is not None:
+                progress(i + 1, self.n_layers)
+        self._fill(self.units.get(None, []), device)
