@@ -94,8 +94,9 @@ def skeleton(cfg, path: str, dtype: torch.dtype) -> nn.Module:
 
 
 def read(files: dict[str, str], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The named tensors, each file opened for this call only: the pages of a memory-mapped file are let go once
-    the tensors made from them are."""
+    """The named tensors, copied out of their memory-mapped files: a tensor read from a file is a view of a mapping
+    of the whole file, and a view kept (a 4-bit weight's statistics, a weight a sharder leaves as is) would keep
+    every page read through that mapping resident, layer after layer (measured: the whole packed base again)."""
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = defaultdict(list)
@@ -105,7 +106,7 @@ def read(files: dict[str, str], names: Iterable[str]) -> dict[str, torch.Tensor]
     for file, keys in by_file.items():
         with safe_open(file, framework="pt") as f:
             for k in keys:
-                out[k] = f.get_tensor(k)
+                out[k] = f.get_tensor(k).clone()
     return out
 
 
@@ -188,7 +189,7 @@ class LayerwiseLoader:
                 new = bnb.nn.Params4bit(value.to(load_dtype), requires_grad=False, module=module,
                                         **kwargs).to(device)
             else:
-                value = tensors[name].to(device=device, dtype=load_dtype).to(old.dtype).clone()
+                value = tensors[name].to(device=device, dtype=load_dtype).to(old.dtype)
                 new = nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) \
                     else value
             for m, a in holders:  # tied tensors stay one tensor
