@@ -322,7 +322,7 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
         e.loading = loading_bytes(s, st, strategy, n) * (1 + GPU_SLACK) + GPU_OVERHEAD
     else:
         e.parts["overhead"] = st.cpu_overhead + CPU_EXTRA
-        e.loading = loading_bytes(s, st, strategy, n) + st.cpu_overhead + CPU_EXTRA
+        e.loading = loading_bytes(s, st, strategy, n) + st.cpu_overhead  # no data pipeline or autograd yet
     return e
 
 
