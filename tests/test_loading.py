@@ -94,3 +94,11 @@ def test_only_safetensors_checkpoints_load_layer_by_layer(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="safetensors"):
         loading.checkpoint_files(str(tmp_path))
+
+
+def test_layerwise_loading_of_an_unquantized_base(saved_tiny_models):
+    """quant.bits=16 (LoRA on a bf16 / fp32 base) under ZeRO-3 or FSDP loads layer by layer too."""
+    cfg = load_config(None, ["quant.bits=16", "model.dtype=bfloat16", "lora.lora_dropout=0"])
+    path = saved_tiny_models["qwen2"]
+    a, b = _build(cfg, path, torch.bfloat16, False), _build(cfg, path, torch.bfloat16, True)
+    assert _assert_same_model(a, b, torch.bfloat16) == 0
