@@ -55,8 +55,11 @@ RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger t
 }
 BEST = ["model.liger_kernel=true", "train.chunked_loss=liger", "model.compile=true"]  # scalora-best: GPU levers
 PACK, COMPILE = ["data.packing=true"], ["model.compile=true"]
+TORCH_DROPOUT = ["train.fast_dropout=false", "train.shared_dropout=false"]  # peft's dropout: a torch mask per layer
 STACKS = {  # name: (which loop, run-config overrides on top of the shared settings)
     "scalora-pad": ("scalora", []), "scalora-pack": ("scalora", PACK), "scalora-compile-pad": ("scalora", COMPILE),
+    "scalora-pad-torchdrop": ("scalora", TORCH_DROPOUT), "scalora-pack-torchdrop": ("scalora", PACK + TORCH_DROPOUT),
+    "scalora-pack-fastdrop": ("scalora", PACK + ["train.shared_dropout=false"]),
     "scalora-compile": ("scalora", PACK + COMPILE), "scalora-best": ("scalora", PACK + BEST),
     "peft": ("peft", []), "peft-pack": ("peft", PACK), "trainer": ("trainer", []),
 }

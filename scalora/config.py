@@ -117,6 +117,9 @@ class TrainConfig:
     fast_dropout: bool = _f(True, "CPU: LoRA dropout masks drawn as 31-bit random integers, the same distribution "
                             "as torch's dropout at ~0.7x its cost; false: torch's dropout (peft's masks from the "
                             "same seed)")
+    shared_dropout: bool = _f(True, "one LoRA dropout mask for the projections that read the same input (q/k/v, "
+                              "gate/up): each keeps its distribution, 3 of a Llama layer's 7 draws saved; false: a "
+                              "mask per projection, as peft")
     log_every: int = _f(10, "steps between metric lines")
     eval_every: int = _f(50, "steps between validations (0: only at the end)")
     save_every: int = _f(100, "steps between checkpoints (0: only at the end)")

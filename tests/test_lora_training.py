@@ -142,15 +142,64 @@ def test_fast_dropout_keeps_torch_dropout_distribution():
 
 
 @pytest.mark.slow  # two CLI runs
-def test_fast_dropout_keeps_the_loss_curve(env, tmp_path):
-    """`scalora train` with train.fast_dropout (the default) against torch's dropout, LoRA dropout 0.1: other masks,
-    the same curve in distribution (the loss falls 10 -> 7 in 5 steps; a broken dropout, e.g. unscaled or dropping
-    everything, is far outside 1e-2; measured 2.1e-3). The switch reaches the layers: the curves are not bitwise equal."""
+@pytest.mark.parametrize("switches", [["train.shared_dropout=false"], []], ids=["fast", "fast+shared"])
+def test_fast_dropout_keeps_the_loss_curve(env, tmp_path, switches):
+    """`scalora train` with train.fast_dropout, alone and with train.shared_dropout (both default), against
+    peft's dropout (torch's, a mask per layer), LoRA dropout 0.1: other masks, the same curve in distribution (the
+    loss falls 10 -> 7 in 5 steps; a broken dropout, e.g. unscaled or dropping everything, is far outside 1e-2;
+    measured 2.1e-3 with both). The switches reach the layers: the curves are not bitwise equal."""
     from helpers import losses, run, train_args
 
     common = ["lora.lora_dropout=0.1", "train.max_steps=5", "train.eval_every=0", "train.save_every=0"]
-    run(env, *train_args(tmp_path / "torch", *common, "train.fast_dropout=false"))
-    run(env, *train_args(tmp_path / "fast", *common))
+    run(env, *train_args(tmp_path / "torch", *common, "train.fast_dropout=false", "train.shared_dropout=false"))
+    run(env, *train_args(tmp_path / "fast", *common, *switches))
     plain, fast = losses(tmp_path / "torch"), losses(tmp_path / "fast")
     assert len(plain) == 5 and plain[5] < plain[1]
     assert fast == pytest.approx(plain, rel=1e-2) and fast != plain
+
+
+def test_shared_dropout_masks_siblings_once(saved_tiny_models):
+    """train.shared_dropout: q/k/v (and gate/up) of a layer get one mask per forward, o_proj and down_proj their
+    own; each projection's LoRA input still has dropout's distribution, and gradient checkpointing's recomputation
+    reproduces the same masks (same gradients with and without checkpointing). No tensor stays referenced after a
+    forward (checkpointing's memory saving intact)."""
+    from scalora.core.lora import LoraLayer, share_dropout_masks
+
+    from conftest import load_quantized
+
+    import scalora
+
+    model = scalora.get_peft_model(load_quantized(saved_tiny_models["llama"], 4),
+                                   scalora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                      lora_dropout=0.3))
+    assert share_dropout_masks(model) == 2 * 2  # 2 layers x (q/k/v, gate/up)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.lora_A["default"].register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, args[0]))
+             for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    model.train()
+    ids = torch.randint(0, 100, (2, 16))
+    torch.manual_seed(0)
+    model(input_ids=ids)
+    attn = "base_model.model.model.layers.0.self_attn."
+    mlp = "base_model.model.model.layers.0.mlp."
+    zeros = {n: (t == 0) for n, t in seen.items()}
+    assert torch.equal(zeros[attn + "q_proj"], zeros[attn + "k_proj"]) and torch.equal(zeros[attn + "q_proj"],
+                                                                                      zeros[attn + "v_proj"])
+    assert torch.equal(zeros[mlp + "gate_proj"], zeros[mlp + "up_proj"])
+    assert not torch.equal(zeros[mlp + "gate_proj"][..., :16], zeros[attn + "q_proj"][..., :16])
+    for h in hooks:
+        h.remove()
+    shares = {id(m.__dict__["dropout_share"]): m.__dict__["dropout_share"] for m in model.modules()
+              if "dropout_share" in m.__dict__}
+    assert all(s.key is None and s.out is None for s in shares.values())
+    grads = []
+    for gc in (False, True):
+        model.zero_grad()
+        if gc:
+            model.base_model.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+            model.base_model.model.enable_input_require_grads()
+        torch.manual_seed(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -65,6 +65,56 @@ def use_fast_dropout(model: nn.Module) -> int:
     return n
 
 
+class SharedDropout:
+    """One LoRA dropout mask for sibling LoRA layers that read the same input tensor (q/k/v of an attention block,
+    gate/up of an MLP), called in turn: the first draws `dropout(x)`, the others reuse it, and after the last the
+    reference is dropped (gradient checkpointing must not find the tensor kept). Each layer's mask has the
+    distribution of its own dropout; the layers' masks are the same draw instead of independent ones. A new input,
+    another adapter, or more calls than siblings draw afresh; in compiled code each layer draws its own."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.key: Optional[torch.Tensor] = None
+        self.adapter: Optional[str] = None
+        self.out: Optional[torch.Tensor] = None
+        self.used = 0
+
+    def __call__(self, dropout: nn.Module, key: torch.Tensor, inp: torch.Tensor, adapter: str) -> torch.Tensor:
+        if not dropout.training or torch.compiler.is_compiling():
+            return dropout(inp)
+        if self.key is not key or self.adapter != adapter or self.used >= self.size:
+            self.key, self.adapter, self.out, self.used = key, adapter, dropout(inp), 0
+        out = self.out
+        self.used += 1
+        if self.used >= self.size:
+            self.key = self.out = None
+        return out
+
+
+# Attribute names of LoRA layers in one parent module that read the same input (Llama, Mistral, Qwen, Gemma, ...).
+SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def share_dropout_masks(model: nn.Module, groups: tuple[tuple[str, ...], ...] = SAME_INPUT) -> int:
+    """Give sibling LoRA layers that read the same input one dropout mask (`SharedDropout`); returns how many
+    groups. Their dropout must be the same module kind and p."""
+    n = 0
+    for parent in model.modules():
+        for names in groups:
+            members = [getattr(parent, a, None) for a in names]
+            members = [m for m in members if isinstance(m, LoraLayer)]
+            if len(members) < 2:
+                continue
+            kinds = {(type(d), getattr(d, "p", 0.0)) for m in members for d in m.lora_dropout.values()}
+            if len(kinds) != 1:
+                continue
+            share = SharedDropout(len(members))
+            for m in members:
+                m.__dict__["dropout_share"] = share
+            n += 1
+    return n
+
+
 class LoraLayer(Wrapper):
     """Wraps a `nn.Linear`, `Conv1D`, bitsandbytes `Linear4bit` or `Linear8bitLt` and adds LoRA adapters to it."""
 
@@ -139,7 +189,9 @@ class LoraLayer(Wrapper):
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             keep = autocast and lora_A.weight.dtype == torch.float32
-            h = self.lora_dropout[name](x if keep else x.to(lora_A.weight.dtype))
+            inp = x if keep else x.to(lora_A.weight.dtype)
+            share = self.__dict__.get("dropout_share")
+            h = share(self.lora_dropout[name], x, inp, name) if share is not None else self.lora_dropout[name](inp)
             result = result + lora_B(lora_A(h)) * self.scaling[name]  # (..., out)
         return result.to(out_dtype)
 
