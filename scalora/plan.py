@@ -60,6 +60,7 @@ class Shape:
     lora_params: int = 0
     lora_layers: int = 0
     lora_in_features: int = 0     # sum over wrapped layers of in_features (their saved inputs)
+    lora_shared_in_features: int = 0  # of those, inputs a sibling shares (train.shared_dropout: q/k/v, gate/up)
     lora_r: int = 0
 
     @property
@@ -85,6 +86,8 @@ class Settings:
     device: str = "gpu"                 # gpu | cpu
     cpu_overhead: float = 0.0           # bytes of the CPU runtime (measured), device == "cpu"
     low_memory_loading: bool = True     # dist.low_memory_loading: ZeRO-3 / FSDP load the base layer by layer
+    shared_dropout: bool = True         # train.shared_dropout: q/k/v and gate/up keep one dropout output
+    fast_dropout: bool = True           # train.fast_dropout: on CPUs the dropout keeps a boolean mask only
 
 
 @dataclass
@@ -128,6 +131,7 @@ def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_m
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .core import targets as T
+    from .core.lora import SAME_INPUT
     from .core.lora_config import LoraConfig
     from .model import is_norm, resolve_model_path, shipped_configs
 
@@ -164,6 +168,12 @@ def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_m
                 shape.lora_layers += 1
                 shape.lora_params += r * (module.in_features + module.out_features)
                 shape.lora_in_features += module.in_features
+                parent, _, attr = name.rpartition(".")
+                group = next((g for g in SAME_INPUT if attr in g), None)
+                if group is not None and any(T.is_target(f"{parent}.{a}", lcfg, wanted) and
+                                             isinstance(getattr(model.get_submodule(parent), a, None),
+                                                        torch.nn.Linear) for a in group[:group.index(attr)]):
+                    shape.lora_shared_in_features += module.in_features  # an earlier sibling's input, shared
         elif is_norm(module):
             for p in module.parameters(recurse=False):
                 shape.norm_params += p.numel()
@@ -208,7 +218,7 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     norms: the fp32 input each RMSNorm keeps (x2); attention: rotated q, k and v as SDPA sees them (the kv heads
     repeated to all heads), its output and the contiguous copy that feeds o_proj; MLP: gate, SiLU(gate), up and their
     product; the normalized inputs of q/k/v and gate/up; LoRA: per wrapped layer the dropout output (fp32) and its
-    mask, and the rank-r intermediate.
+    mask (one for siblings that share it: train.shared_dropout), and the rank-r intermediate.
     """
     e, h, inter = st.compute_bytes, s.hidden, s.intermediate
     norms = 2 * 4 * h
@@ -217,11 +227,20 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     mlp = 4 * inter * e
     r_part = s.lora_layers / s.n_layers * s.lora_r * st.lora_bytes
     lora_in = s.lora_in_features / s.n_layers
+    if st.lora_dropout > 0 and st.shared_dropout:  # siblings keep one dropout output and mask
+        lora_in -= s.lora_shared_in_features / s.n_layers
     if st.lora_dropout > 0:
         lora = lora_in * (st.lora_bytes + 1) + r_part
     else:  # the LoRA input is the layer input itself, unless it is cast to the adapter's dtype
         lora = (lora_in * st.lora_bytes if st.lora_bytes != e else 0) + r_part
-    return norms + attention + normalized + mlp + lora
+    inputs = 0.0
+    if st.lora_dropout > 0 and st.fast_dropout and st.device == "cpu":
+        # FastDropout keeps only its boolean mask; torch's CPU dropout multiplies the input by a noise tensor and so
+        # keeps the input as well: the normalized inputs (q/k/v, gate/up), the attention output's copy (o) and the
+        # SiLU product (down), which nothing else keeps (the frozen base's matmuls keep no input). Measured with
+        # autograd's saved tensors (tests/test_plan.py): 60.4 MB against 73.0 on the builtin model.
+        inputs = (2 * h + h + inter) * e
+    return norms + attention + normalized + mlp + lora - inputs
 
 
 def logits_bytes_per_token(s: Shape, st: Settings) -> float:
@@ -342,7 +361,8 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
                     packed_mask=cfg.data.packing and needs_block_mask(cfg.model.attn_implementation),
                     chunked_loss=cfg.train.chunked_loss,
-                    device=device, cpu_overhead=cpu_overhead, low_memory_loading=cfg.dist.low_memory_loading)
+                    device=device, cpu_overhead=cpu_overhead, low_memory_loading=cfg.dist.low_memory_loading,
+                    shared_dropout=cfg.train.shared_dropout, fast_dropout=cfg.train.fast_dropout)
 
 
 def cpu_runtime_bytes(deepspeed: bool = False) -> float:

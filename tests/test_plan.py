@@ -92,7 +92,7 @@ def test_saved_activations_match_autograd(env):
     saved = sum(storages.values())
     shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
     T = batch["input_ids"].shape[1]
-    st = P.Settings(compute_bytes=4, lora_dropout=cfg.lora.lora_dropout, micro_batch=4, seq_len=T,
+    st = P.Settings(device="cpu", compute_bytes=4, lora_dropout=cfg.lora.lora_dropout, micro_batch=4, seq_len=T,
                     gradient_checkpointing=False, packed_mask=True)
     # of the logits, only the log-softmax is saved; the other terms are peaks of the loss and its gradient
     predicted = P.activation_bytes(shape, st) - 4 * T * (P.logits_bytes_per_token(shape, st) - 4 * shape.vocab)

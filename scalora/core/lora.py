@@ -49,8 +49,8 @@ class FastDropout(nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu" or torch.compiler.is_compiling():
             return super().forward(x)
         bits = torch.empty(x.shape, dtype=torch.int32).random_()  # uniform on [0, 2**31)
-        keep = (bits >= round(self.p * 2**31)).to(x.dtype)
-        return x * keep.mul_(1.0 / (1.0 - self.p))
+        # `where` keeps only the boolean mask for backward (as torch's dropout does), not a mask in x's dtype
+        return torch.where(bits >= round(self.p * 2**31), x * (1.0 / (1.0 - self.p)), 0.0)
 
 
 def use_fast_dropout(model: nn.Module) -> int:
@@ -82,7 +82,11 @@ class SharedDropout:
     def __call__(self, dropout: nn.Module, key: torch.Tensor, inp: torch.Tensor, adapter: str) -> torch.Tensor:
         if not dropout.training or torch.compiler.is_compiling():
             return dropout(inp)
-        if self.key is not key or self.adapter != adapter or self.used >= self.size:
+        # the same input by its memory, not its Python object: hooks (DeepSpeed ZeRO-3's) hand each module a new
+        # tensor object for the same data; `self.key` is held, so no other tensor can take its place meanwhile
+        same = self.key is not None and (key.data_ptr(), key.shape, key.stride(), key._version) == (
+            self.key.data_ptr(), self.key.shape, self.key.stride(), self.key._version)
+        if not same or self.adapter != adapter or self.used >= self.size:
             self.key, self.adapter, self.out, self.used = key, adapter, dropout(inp), 0
         out = self.out
         self.used += 1
