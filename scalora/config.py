@@ -115,7 +115,7 @@ class TrainConfig:
         "where those would pass 256 MiB (large vocabularies; measured faster there too, BENCHMARKS.md); liger: "
         "liger-kernel's fused linear cross-entropy (CUDA)")
     fast_dropout: bool = _f(True, "CPU: LoRA dropout masks drawn as 31-bit random integers, the same distribution "
-                            "as torch's dropout at ~0.7x its cost; false: torch's dropout (peft's masks from the "
+                            "as torch's dropout at 0.7-0.9x its cost; false: torch's dropout (peft's masks from the "
                             "same seed)")
     shared_dropout: bool = _f(True, "one LoRA dropout mask for the projections that read the same input (q/k/v, "
                               "gate/up): each keeps its distribution, 3 of a Llama layer's 7 draws saved; false: a "

@@ -41,9 +41,11 @@ class FastDropout(nn.Dropout):
     `bernoulli_` on floats: each element is kept with probability 1 - p (resolved to 2**-31; torch's float draw
     resolves it to 2**-24) and scaled by 1 / (1 - p), as with torch's dropout, from the same generator (so gradient
     checkpointing's recomputation, which restores the generator, draws the same mask). Measured on an AVX512-BF16
-    CPU: dropout and the LoRA A matmul, forward and backward, 0.65-0.75x of torch's time (bench/dropout.py). The masks are other draws than torch's, so a run is equal
-    to peft's in distribution, not bitwise: scalora's core keeps torch's dropout (peft's numbers from the same seed),
-    the orchestrator switches to this one (`train.fast_dropout`). On GPUs, and inside compiled code, torch's."""
+    CPU: dropout and the LoRA A matmul, forward and backward, 0.68-0.87x of torch's time (bench/dropout.py), and a
+    boolean mask kept for backward where torch's CPU dropout keeps a float noise tensor and the input. The masks
+    are other draws than torch's, so a run is equal to peft's in distribution, not bitwise: scalora's core keeps
+    torch's dropout (peft's numbers from the same seed), the orchestrator switches to this one
+    (`train.fast_dropout`). On GPUs, and inside compiled code, torch's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu" or torch.compiler.is_compiling():
