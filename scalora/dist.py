@@ -227,29 +227,33 @@ def layer_sharder(accelerator, cfg, dtype: torch.dtype) -> Optional[Callable[[to
     return lambda layer: deepspeed.zero.Init(module=layer, **init)
 
 
+def _status_bytes(field: str) -> Optional[int]:
+    """A memory field of /proc/self/status (VmHWM, VmRSS), in bytes; None where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split(f"{field}:")[1].split()[0]) * 1024
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def peak_memory_bytes() -> int:
     """Peak memory of this process since it started or since the last `reset_peak_memory` (GPU: allocated by torch;
     CPU: resident set, Linux)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
+    peak = _status_bytes("VmHWM")
+    if peak is None:
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return peak
 
 
 def resident_memory_bytes() -> int:
     """Memory this process holds now (GPU: allocated by torch; CPU: resident set, Linux; 0 where unknown)."""
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            return int(f.read().split("VmRSS:")[1].split()[0]) * 1024
-    except (OSError, IndexError, ValueError):
-        return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def reset_peak_memory() -> int:
