@@ -3,9 +3,9 @@
 transformers loads the whole (quantized) base into every process before accelerate hands it to DeepSpeed or FSDP;
 for a 4-bit Llama 3 70B that is ~35 GB per process, whatever the number of processes. Here every process instead:
 
-1. builds the model's skeleton on the meta device through transformers' own `from_pretrained` (its quantized
-   `Linear4bit` modules, dtypes, tied weights; no weight is read), and LoRA on it: the adapters are created on the
-   CPU at once, from the same random stream as on a loaded base, so a seed gives the same adapter;
+1. builds the model's skeleton on the meta device with the steps of transformers' `from_pretrained` before it
+   reads weights (its quantizer's `Linear4bit` modules, dtypes, tied weights), and LoRA on it: the adapters are
+   created on the CPU at once, from the same random stream as on a loaded base, so a seed gives the same adapter;
 2. for each decoder layer in turn: reads that layer's tensors from the safetensors files, quantizes them as
    transformers does (`Params4bit(...).to(device)`, or `Params4bit.from_prequantized` for a checkpoint saved in
    4-bit), and hands the layer to `shard_layer` (FSDP2's `fully_shard`, DeepSpeed's `zero.Init(module=...)`), which
@@ -64,13 +64,11 @@ def skeleton(cfg, path: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.quantizers.auto import get_hf_quantizer
 
-    from .model import load_hf_config, quantization_config
+    from .model import attention_kwargs, load_hf_config, quantization_config
 
     config = load_hf_config(cfg, path)
     quantizer, config, _ = get_hf_quantizer(config, quantization_config(cfg, dtype), {"": "cpu"}, True, {})
-    kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.attn_implementation:
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **attention_kwargs(cfg))
     try:  # from_pretrained's flag for a quantized model: no DeepSpeed zero.Init around the skeleton
         from transformers.modeling_utils import set_quantized_state
     except ImportError:  # pragma: no cover - older transformers
@@ -196,13 +194,10 @@ class LayerwiseLoader:
                 (m._parameters if a in m._parameters else m._buffers)[a] = new
         del tensors
 
-    def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None,
-             progress: Optional[Callable[[int, int], None]] = None) -> None:
+    def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None) -> None:
         """Fill every decoder layer, calling `shard_layer(i)` after layer i, then the rest."""
         for i in range(self.n_layers):
             self._fill(self.units.get(i, []), device)
             if shard_layer is not None:
                 shard_layer(i)
-            if progress is not None:
-                progress(i + 1, self.n_layers)
         self._fill(self.units.get(None, []), device)

@@ -102,6 +102,17 @@ def run_compute_dtype(cfg: RunConfig, path: str) -> tuple[torch.dtype, str]:
     return compute_dtype(cfg.model.dtype, getattr(text, "hidden_size", None))
 
 
+def attention_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """`attn_implementation` for transformers, where the run config names one (refused where it cannot train)."""
+    name = cfg.model.attn_implementation
+    if not name:
+        return {}
+    if name.startswith("flex") and not torch.cuda.is_available():
+        raise UserError(f"model.attn_implementation={name}: torch's flex attention has no backward pass on CPUs; use "
+                        "sdpa (the default) there")
+    return {"attn_implementation": name}
+
+
 def load_base(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional[torch.dtype] = None):
     """The frozen base, quantized as configured, in the compute dtype (resolved here unless given)."""
     from transformers import AutoModelForCausalLM
@@ -113,11 +124,7 @@ def load_base(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional
                                   dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if cfg.model.attn_implementation:
-        if cfg.model.attn_implementation.startswith("flex") and not torch.cuda.is_available():
-            raise UserError(f"model.attn_implementation={cfg.model.attn_implementation}: torch's flex attention has "
-                            "no backward pass on CPUs; use sdpa (the default) there")
-        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    kwargs.update(attention_kwargs(cfg))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, **kwargs)
     except ValueError as e:

@@ -268,9 +268,9 @@ def loading_bytes(s: Shape, st: Settings, strategy: str, devices: int) -> float:
     ZeRO-3 and FSDP with low-memory loading (scalora/loading.py): each process keeps its shard of the decoder
     layers (in host memory with parameter offload), the embeddings and head whole (accelerate shards them at
     prepare), and one layer in flight: its weights in the compute dtype while they are quantized, beside the packed
-    result. Otherwise every process loads the whole
-    quantized base onto its device (ZeRO-3 into host memory, partitioned onto the GPU when the engine starts; on a
-    CPU, host memory is the device's), a weight being quantized held once in the compute dtype beside it."""
+    result. Otherwise every process loads the whole quantized base onto its device (ZeRO-3 into host memory,
+    partitioned onto the GPU when the engine starts; on a CPU, host memory is the device's), a weight being quantized
+    held once in the compute dtype beside it."""
     shardable, replicated = base_weight_bytes(s, st)
     lora = s.lora_params * st.lora_bytes
     sharded = strategy.startswith(("zero3", "fsdp")) and devices > 1

@@ -120,7 +120,8 @@ def setup(cfg: RunConfig) -> Run:
     model, tokenizer, base_path = build_model(cfg, device_map=dist.device_map(accelerator), dtype=dtype,
                                               shard_layer=dist.layer_sharder(accelerator, cfg, dtype),
                                               device=accelerator.device)
-    load_memory = dist.reset_peak_memory() - before_load  # what loading the model added to this process, at most
+    build_peak = dist.reset_peak_memory()
+    load_memory = build_peak - before_load  # what loading the model added to this process, at most
     with accelerator.main_process_first():  # rank 0 fills the tokenization cache, the others read it
         data = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     total = _total_steps(cfg, len(data.train))
@@ -129,7 +130,8 @@ def setup(cfg: RunConfig) -> Run:
     scheduler = make_scheduler(optimizer, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
-    load_peak = max(before_load + load_memory, dist.reset_peak_memory())  # from here on, the peak is training's (what `scalora plan` predicts)
+    # from here on, the peak is training's (what `scalora plan` predicts)
+    load_peak = max(build_peak, dist.reset_peak_memory())
     config_yaml = os.path.join(out, "config.yaml")
     if accelerator.is_main_process:
         if clear_old:
@@ -146,9 +148,8 @@ def setup(cfg: RunConfig) -> Run:
     tracker = Tracker(accelerator, cfg, out, tracker_name, run_id)
     tracker.truncate_after(start if resume_from else -1)  # a run killed before its first checkpoint restarts clean
     info = dict(threads=threads, base_path=base_path, trainable=trainable, all_params=all_params,
-                load_peak=load_peak, load_memory=load_memory,
-                process_peak=max(early_peak, load_peak), t_start=t_start, dtype=str(dtype).removeprefix("torch."), dtype_why=dtype_why,
-                resume_from=resume_from)
+                load_peak=load_peak, load_memory=load_memory, process_peak=max(early_peak, load_peak), t_start=t_start,
+                dtype=str(dtype).removeprefix("torch."), dtype_why=dtype_why, resume_from=resume_from)
     run = Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, data, params, total, start, run_id,
               tokens_before, tracker, Progress(accelerator.is_main_process, total, start), stopper, config_yaml,
               info)
