@@ -55,11 +55,13 @@ RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger t
 }
 BEST = ["model.liger_kernel=true", "train.chunked_loss=liger", "model.compile=true"]  # scalora-best: GPU levers
 PACK, COMPILE = ["data.packing=true"], ["model.compile=true"]
-TORCH_DROPOUT = ["train.fast_dropout=false", "train.shared_dropout=false"]  # peft's dropout: a torch mask per layer
+# peft's LoRA path: torch's dropout, a mask per layer, peft's order of operations
+TORCH_DROPOUT = ["train.fast_dropout=false", "train.shared_dropout=false", "train.fused_lora=false"]
 STACKS = {  # name: (which loop, run-config overrides on top of the shared settings)
     "scalora-pad": ("scalora", []), "scalora-pack": ("scalora", PACK), "scalora-compile-pad": ("scalora", COMPILE),
     "scalora-pad-torchdrop": ("scalora", TORCH_DROPOUT), "scalora-pack-torchdrop": ("scalora", PACK + TORCH_DROPOUT),
-    "scalora-pack-fastdrop": ("scalora", PACK + ["train.shared_dropout=false"]),
+    "scalora-pack-fastdrop": ("scalora", PACK + ["train.shared_dropout=false", "train.fused_lora=false"]),
+    "scalora-pack-unfused": ("scalora", PACK + ["train.fused_lora=false"]),
     "scalora-compile": ("scalora", PACK + COMPILE), "scalora-best": ("scalora", PACK + BEST),
     "peft": ("peft", []), "peft-pack": ("peft", PACK), "trainer": ("trainer", []),
 }

@@ -114,9 +114,12 @@ class TrainConfig:
         "auto", "compute the output head and the loss chunk by chunk, never the whole micro-batch's logits; auto: "
         "where those would pass 256 MiB (large vocabularies; measured faster there too, BENCHMARKS.md); liger: "
         "liger-kernel's fused linear cross-entropy (CUDA)")
-    fast_dropout: bool = _f(True, "CPU: LoRA dropout masks drawn as 31-bit random integers, the same distribution "
-                            "as torch's dropout at 0.7-0.9x its cost; false: torch's dropout (peft's masks from the "
-                            "same seed)")
+    fast_dropout: bool = _f(True, "CPU: LoRA dropout masks drawn as 16-bit random integers, torch's dropout's "
+                            "distribution with p resolved to 2^-16, at ~0.6x its cost; false: torch's dropout "
+                            "(peft's masks from the same seed)")
+    fused_lora: bool = _f(True, "LoRA's scalars on lora_A's r columns and lora_B's matmul adding into the base "
+                          "output (addmm): the same sum in fewer passes, rounded differently; false: peft's order "
+                          "(peft's numbers to the last bit)")
     shared_dropout: bool = _f(True, "one LoRA dropout mask for the projections that read the same input (q/k/v, "
                               "gate/up): each keeps its distribution, 3 of a Llama layer's 7 draws saved; false: a "
                               "mask per projection, as peft")

@@ -10,7 +10,7 @@ import torch
 
 from .config import BUILTIN_MODEL, RunConfig
 from .core.errors import UserError
-from .core.lora import share_dropout_masks, use_fast_dropout
+from .core.lora import share_dropout_masks, use_fast_dropout, use_fused_lora
 from .core.lora_config import LoraConfig
 from .core.peft_model import PeftModel, get_peft_model
 from .hardware import compute_dtype
@@ -199,6 +199,8 @@ def build_peft_model(cfg: RunConfig, path: str, device_map: Any = None, dtype: O
         use_fast_dropout(peft_model)
     if cfg.train.shared_dropout:
         share_dropout_masks(peft_model)
+    if cfg.train.fused_lora:
+        use_fused_lora(peft_model)
     if shard_layer is not None:
         layers = decoder_layers(model)
         loader.load(device or torch.device("cpu"), lambda i: shard_layer(layers[i]))

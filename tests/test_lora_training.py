@@ -112,21 +112,26 @@ def test_compiled_packed_run_keeps_the_loss_curve(env, tmp_path):
 
 
 def test_fast_dropout_keeps_torch_dropout_distribution():
-    """FastDropout (train.fast_dropout): each element kept with probability 1 - p and scaled by 1 / (1 - p), the
-    identity in eval mode and at p = 0, and the same mask when gradient checkpointing recomputes (it draws from
-    torch's generator, which checkpointing restores)."""
+    """FastDropout (train.fast_dropout): each element kept with probability 1 - p (resolved to 2**-16) and scaled
+    by 1 / (1 - p), at every position of the four 16-bit halves a 64-bit draw gives, for any length; the identity in
+    eval mode and at p = 0, and the same mask when gradient checkpointing recomputes (it draws from torch's
+    generator, which checkpointing restores)."""
     from torch.utils.checkpoint import checkpoint
 
     from scalora.core.lora import FastDropout
 
     torch.manual_seed(0)
-    x = torch.randn(1 << 22) + 3  # no zeros of its own
-    for p in (0.05, 0.5):
-        y = FastDropout(p).train()(x)
+    x = torch.randn((1 << 22) + 3) + 3  # no zeros of its own; not a multiple of 4
+    for p in (0.05, 0.1, 0.5):
+        drop = FastDropout(p).train()
+        assert abs(drop.p_drawn - p) <= 2**-17
+        y = drop(x)
         kept = y != 0
-        sigma = (p * (1 - p) / x.numel()) ** 0.5
-        assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma, p  # a wrong threshold or bias fails
-        assert torch.equal(y[kept], x[kept] * (1 / (1 - p)))
+        sigma = (p * (1 - p) / (x.numel() // 4)) ** 0.5
+        for half in range(4):  # a biased or short half (e.g. a draw over 63 bits) fails here
+            assert abs(kept[half::4].float().mean().item() - (1 - p)) < 5 * sigma, (p, half)
+        assert torch.equal(y[kept], x[kept] * (1 / (1 - drop.p_drawn)))
+    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))
     assert torch.equal(FastDropout(0.3).eval()(x), x) and torch.equal(FastDropout(0.0).train()(x), x)
     w = torch.randn(64, 16, requires_grad=True)
     h = torch.randn(8, 64)
@@ -141,17 +146,75 @@ def test_fast_dropout_keeps_torch_dropout_distribution():
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("base", ["fp32", "nf4"])
+def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatch):
+    """train.fused_lora (`use_fused_lora`): the same logits and LoRA gradients as peft's order of operations, fp32
+    and under bf16 autocast, at dropout 0 and with the fast dropout (the same masks from the same seed); the fused
+    path is taken (one addmm per LoRA layer whose base output is in the matmul's dtype) and left for lora_B weights
+    that DeepSpeed ZeRO-3 partitions."""
+    from scalora.core.lora import LoraLayer, use_fast_dropout, use_fused_lora
+
+    from conftest import load_quantized
+
+    import scalora
+
+    base_model = load_quantized(saved_tiny_models["llama"], 4) if base == "nf4" else \
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(saved_tiny_models["llama"])
+    torch.manual_seed(0)
+    model = scalora.get_peft_model(base_model, scalora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                  lora_dropout=0.2, init_lora_weights=False))
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    ids = torch.randint(0, 100, (2, 16))
+    addmm, calls = torch.addmm, []
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
+
+    def run(fused: bool, train: bool, autocast: bool):
+        for m in layers:
+            m.fused = fused
+        model.train(train)
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits.float()
+        logits.square().mean().backward()
+        return logits, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    with model.disable_adapter():
+        bare = model(input_ids=ids).logits
+    use_fast_dropout(model)
+    for train, autocast in ((False, False), (True, False), (False, True), (True, True)):
+        calls.clear()
+        logits, grads = run(True, train, autocast)
+        # nf4 with fp32 compute gives fp32 under autocast: those sums stay fp32, outside the addmm
+        assert len(calls) == len(layers) or (autocast and base == "nf4"), (train, autocast)
+        ref, ref_grads = run(False, train, autocast)
+        tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, ref, **tol)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, **tol)
+    assert (ref - bare).abs().max() > 0.1  # the adapters move the logits far beyond the tolerance
+    assert use_fused_lora(model) == len(layers) and all(m.fused for m in layers)
+    for m in layers:
+        m.lora_B["default"].weight.ds_id = 0  # partitioned by ZeRO-3: lora_B must be called as a module
+    calls.clear()
+    torch.testing.assert_close(run(True, True, False)[0], run(False, True, False)[0], rtol=1e-5, atol=1e-5)
+    assert not calls
+
+
 @pytest.mark.slow  # two CLI runs
-@pytest.mark.parametrize("switches", [["train.shared_dropout=false"], []], ids=["fast", "fast+shared"])
+@pytest.mark.parametrize("switches", [["train.shared_dropout=false", "train.fused_lora=false"], []],
+                         ids=["fast", "fast+shared+fused"])
 def test_fast_dropout_keeps_the_loss_curve(env, tmp_path, switches):
-    """`scalora train` with train.fast_dropout, alone and with train.shared_dropout (both default), against
-    peft's dropout (torch's, a mask per layer), LoRA dropout 0.1: other masks, the same curve in distribution (the
-    loss falls 10 -> 7 in 5 steps; a broken dropout, e.g. unscaled or dropping everything, is far outside 1e-2;
-    measured 2.1e-3 with both). The switches reach the layers: the curves are not bitwise equal."""
+    """`scalora train` with train.fast_dropout, alone and with train.shared_dropout and train.fused_lora (all three
+    default), against peft's path (torch's dropout, a mask per layer, peft's order of operations), LoRA dropout 0.1:
+    other masks, the same curve in distribution (the loss falls 10 -> 7 in 5 steps; a broken dropout, e.g. unscaled
+    or dropping everything, is far outside 1e-2; measured 2.1e-3 with all three). The switches reach the layers: the
+    curves are not bitwise equal."""
     from helpers import losses, run, train_args
 
     common = ["lora.lora_dropout=0.1", "train.max_steps=5", "train.eval_every=0", "train.save_every=0"]
-    run(env, *train_args(tmp_path / "torch", *common, "train.fast_dropout=false", "train.shared_dropout=false"))
+    run(env, *train_args(tmp_path / "torch", *common, "train.fast_dropout=false", "train.shared_dropout=false",
+                         "train.fused_lora=false"))
     run(env, *train_args(tmp_path / "fast", *common, *switches))
     plain, fast = losses(tmp_path / "torch"), losses(tmp_path / "fast")
     assert len(plain) == 5 and plain[5] < plain[1]

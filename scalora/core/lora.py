@@ -2,6 +2,9 @@
 
     y = base_layer(x) + lora_B(lora_A(dropout(x))) * scaling
 
+in peft's order of operations (peft's numbers), or, after `use_fused_lora`, as
+`addmm(base_layer(x), lora_A(dropout(x)) * scaling, lora_B.weight.T)` in fewer passes.
+
 `lora_A` / `lora_B` are fp32 `nn.Linear`s kept per adapter name in `ModuleDict`s, so a wrapped layer's parameters are
 `base_layer.weight`, `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`, as in peft.
 """
@@ -37,22 +40,63 @@ class Wrapper(nn.Module):
 
 
 class FastDropout(nn.Dropout):
-    """`nn.Dropout` with its CPU mask drawn as 31-bit random integers compared with p * 2**31, instead of torch's
-    `bernoulli_` on floats: each element is kept with probability 1 - p (resolved to 2**-31; torch's float draw
-    resolves it to 2**-24) and scaled by 1 / (1 - p), as with torch's dropout, from the same generator (so gradient
-    checkpointing's recomputation, which restores the generator, draws the same mask). Measured on an AVX512-BF16
-    CPU: dropout and the LoRA A matmul, forward and backward, 0.68-0.87x of torch's time (bench/dropout.py), and a
-    boolean mask kept for backward where torch's CPU dropout keeps a float noise tensor and the input. The masks
-    are other draws than torch's, so a run is equal to peft's in distribution, not bitwise: scalora's core keeps
-    torch's dropout (peft's numbers from the same seed), the orchestrator switches to this one
+    """`nn.Dropout` with its CPU mask drawn from 16-bit random integers, four to one 64-bit draw of torch's generator,
+    instead of torch's `bernoulli_` on floats (one 32-bit draw per element): each element is dropped with
+    probability p resolved to 2**-16 (`p_drawn`, within 2**-17 of p; torch's float draw resolves it to 2**-24) and
+    the kept ones are scaled by 1 / (1 - p_drawn), so that the expectation is x's. Same generator, so gradient
+    checkpointing's recomputation, which restores it, draws the same mask. Measured on an AVX512-BF16 CPU
+    (bench/dropout.py): the mask costs ~0.4x of an int32 draw per element and dropout with the LoRA A matmul, forward
+    and backward, ~0.6x of torch's; backward keeps a boolean mask where torch's CPU dropout keeps a float noise tensor
+    and the input. The masks are other draws than torch's, so a run is equal to peft's in distribution, not bitwise:
+    scalora's core keeps torch's dropout (peft's numbers from the same seed), the orchestrator switches to this one
     (`train.fast_dropout`). On GPUs, and inside compiled code, torch's."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu" or torch.compiler.is_compiling():
-            return super().forward(x)
-        bits = torch.empty(x.shape, dtype=torch.int32).random_()  # uniform on [0, 2**31)
+    @property
+    def p_drawn(self) -> float:
+        return min(round(self.p * 2**16), 2**16) / 2**16
+
+    def fast(self, x: torch.Tensor) -> bool:
+        return self.training and 0 < self.p and x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    def drop(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """`(x with the dropped elements zeroed, the factor the kept ones take)`: dropout(x) is their product; a LoRA
+        layer applies the factor to the r columns of `lora_A`'s output instead of x's."""
+        if not self.fast(x):
+            return super().forward(x), 1.0
+        t = round(self.p * 2**16)
+        if t >= 2**16:
+            return torch.zeros_like(x), 0.0
+        n = x.numel()
+        # int64 draws over the whole range [-2**63, 2**63): each of a draw's four 16-bit halves is uniform on
+        # [-2**15, 2**15), independent of the others
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)[:n].view(x.shape)
         # `where` keeps only the boolean mask for backward (as torch's dropout does), not a mask in x's dtype
-        return torch.where(bits >= round(self.p * 2**31), x * (1.0 / (1.0 - self.p)), 0.0)
+        return torch.where(bits >= t - 2**15, x, 0.0), 1.0 / (1.0 - t / 2**16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast(x):
+            return super().forward(x)
+        h, factor = self.drop(x)
+        return h * factor
+
+
+def use_fused_lora(model: nn.Module) -> int:
+    """Compute every LoRA layer of `model` as `addmm(base_layer(x), lora_A(dropout(x)) * scaling, lora_B.weight.T)`:
+    peft's sum with its scalars on lora_A's r output columns and lora_B's matmul adding into the base's output, so
+    two passes over the (..., out) output and, with FastDropout, one over the (..., in) input fewer per layer and
+    direction (bench/lora_layer.py). Rounded differently from peft's order (fp32: ~1e-7 relative per layer); the
+    orchestrator's `train.fused_lora`. Returns how many layers."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.fused = True
+            n += 1
+    return n
+
+
+def _drop(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """`(dropped x, factor)` with dropout(x) = dropped x * factor: FastDropout leaves the factor to the caller."""
+    return dropout.drop(x) if isinstance(dropout, FastDropout) else (dropout(x), 1.0)
 
 
 def use_fast_dropout(model: nn.Module) -> int:
@@ -78,18 +122,20 @@ class SharedDropout:
         self.size = size
         self.key: Optional[torch.Tensor] = None
         self.adapter: Optional[str] = None
-        self.out: Optional[torch.Tensor] = None
+        self.out: Optional[tuple[torch.Tensor, float]] = None
         self.used = 0
 
-    def __call__(self, dropout: nn.Module, key: torch.Tensor, inp: torch.Tensor, adapter: str) -> torch.Tensor:
+    def __call__(self, dropout: nn.Module, key: torch.Tensor, inp: torch.Tensor, adapter: str
+                 ) -> tuple[torch.Tensor, float]:
+        """`_drop(dropout, inp)`, drawn by the first sibling to read `key`."""
         if not dropout.training or torch.compiler.is_compiling():
-            return dropout(inp)
+            return _drop(dropout, inp)
         # the same input by its memory, not its Python object: hooks (DeepSpeed ZeRO-3's) hand each module a new
         # tensor object for the same data; `self.key` is held, so no other tensor can take its place meanwhile
         same = self.key is not None and (key.data_ptr(), key.shape, key.stride(), key._version) == (
             self.key.data_ptr(), self.key.shape, self.key.stride(), self.key._version)
         if not same or self.adapter != adapter or self.used >= self.size:
-            self.key, self.adapter, self.out, self.used = key, adapter, dropout(inp), 0
+            self.key, self.adapter, self.out, self.used = key, adapter, _drop(dropout, inp), 0
         out = self.out
         self.used += 1
         if self.used >= self.size:
@@ -125,6 +171,7 @@ class LoraLayer(Wrapper):
     """Wraps a `nn.Linear`, `Conv1D`, bitsandbytes `Linear4bit` or `Linear8bitLt` and adds LoRA adapters to it."""
 
     inner = "base_layer"
+    fused = False  # `use_fused_lora`: the same sum in fewer passes, rounded differently from peft
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -197,8 +244,23 @@ class LoraLayer(Wrapper):
             keep = autocast and lora_A.weight.dtype == torch.float32
             inp = x if keep else x.to(lora_A.weight.dtype)
             share = self.__dict__.get("dropout_share")
-            h = share(self.lora_dropout[name], x, inp, name) if share is not None else self.lora_dropout[name](inp)
-            result = result + lora_B(lora_A(h)) * self.scaling[name]  # (..., out)
+            dropout = self.lora_dropout[name]
+            h, factor = share(dropout, x, inp, name) if share is not None else _drop(dropout, inp)
+            if not self.fused:  # peft's order of operations, so peft's numbers to the last bit
+                if factor != 1.0:
+                    h = h * factor
+                result = result + lora_B(lora_A(h)) * self.scaling[name]  # (..., out)
+                continue
+            # The scalars go on lora_A's r output columns rather than on the in- / out-wide tensors, and lora_B's
+            # matmul adds into the base's output (addmm): two passes over (..., out) and one over (..., in) fewer.
+            a = lora_A(h) * (self.scaling[name] * factor)  # (..., r)
+            # (not under DeepSpeed ZeRO-3, whose hooks gather lora_B's weight only when lora_B itself is called)
+            if result.dtype == (torch.get_autocast_dtype(x.device.type) if autocast else lora_B.weight.dtype) \
+                    and not hasattr(lora_B.weight, "ds_id"):
+                result = torch.addmm(result.reshape(-1, self.out_features), a.reshape(-1, a.shape[-1]),
+                                     lora_B.weight.t()).view(result.shape)
+            else:  # e.g. an fp32 base output under bf16 autocast: the sum stays in fp32
+                result = result + lora_B(a)
         return result.to(out_dtype)
 
     # --- merging ----------------------------------------------------------------------------------------------
