@@ -62,6 +62,8 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     "scalora-pad-torchdrop": ("scalora", TORCH_DROPOUT), "scalora-pack-torchdrop": ("scalora", PACK + TORCH_DROPOUT),
     "scalora-pack-fastdrop": ("scalora", PACK + ["train.shared_dropout=false", "train.fused_lora=false"]),
     "scalora-pack-unfused": ("scalora", PACK + ["train.fused_lora=false"]),
+    "scalora-pack-sdpa": ("scalora", PACK + ["model.attn_implementation=sdpa"]),
+    "scalora-pad-sdpa": ("scalora", ["model.attn_implementation=sdpa"]),
     "scalora-compile": ("scalora", PACK + COMPILE), "scalora-best": ("scalora", PACK + BEST),
     "peft": ("peft", []), "peft-pack": ("peft", PACK), "trainer": ("trainer", []),
 }
@@ -362,8 +364,9 @@ def profile_step(model_path: str, data: str, size: str, threads: int, compiled: 
     with model.compile (inductor's fused kernels show as "other")."""
     import torch
 
-    from scalora.data import collate
-    from scalora.model import build_model
+    from scalora import attention
+    from scalora.data import collate, needs_block_mask
+    from scalora.model import attention_implementation, build_model
     from scalora.loss import token_loss_sum
 
     torch.set_num_threads(threads)
@@ -372,7 +375,9 @@ def profile_step(model_path: str, data: str, size: str, threads: int, compiled: 
     cfg = _run_config(a)
     model, tok, _ = build_model(cfg)
     examples = _examples(cfg, tok)
-    batch = collate(examples[:RUN[size][1]], tok.pad_token_id, pad_to=cfg.data.max_length if compiled else None)
+    attn = attention_implementation(cfg)  # as the run collates: example ids for sdpa_segments
+    batch = collate(examples[:RUN[size][1]], tok.pad_token_id, block_mask=needs_block_mask(attn),
+                    pad_to=cfg.data.max_length if compiled else None, segment_ids=attn == attention.NAME)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     for i in range(3 if compiled else 2):  # compiled: two warm-up steps (compile, then the backward's)
         last = i == (2 if compiled else 1)

@@ -285,11 +285,13 @@ def pack(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = True,
-            pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+            pad_to: Optional[int] = None, segment_ids: bool = False) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row. Packed rows get a (B, 1, T, T) boolean mask, causal within each example; or,
     `block_mask=False`, no mask at all: the attention kernel splits the examples by their position ids (flash
     attention's variable-length path, flex attention's block mask; transformers builds the same mask for SDPA). A 2D
-    padding mask there would make flash attention treat a row as one sequence, examples attending to each other."""
+    padding mask there would make flash attention treat a row as one sequence, examples attending to each other.
+    `segment_ids` (for `scalora.attention`): a (B, 1, 1, T) mask of example ids instead, 1, 2, ... along a row, 0 on
+    padding (4D: transformers passes it through; unpacked rows keep the usual (B, T) padding mask)."""
     T = max(max(len(r["input_ids"]) for r in rows), pad_to or 0)  # pad_to: one shape for compiled layers
     B = len(rows)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -306,7 +308,9 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = Tr
         for i, r in enumerate(rows):
             pos[i, : len(r["position_ids"])] = torch.tensor(r["position_ids"])
         batch["position_ids"] = pos
-        if block_mask:
+        if segment_ids:
+            batch["attention_mask"] = (torch.cumsum((pos == 0).long(), dim=1) * attention)[:, None, None]
+        elif block_mask:
             batch["attention_mask"] = packed_mask(pos, attention)
         else:
             del batch["attention_mask"]  # the padding's position ids restart at 0: each pad is an example of its own
@@ -314,15 +318,17 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int, block_mask: bool = Tr
 
 
 def device_batch(rows: list[dict[str, list[int]]], pad_id: int, device, block_mask: bool = True,
-                 pad_to: Optional[int] = None) -> dict[str, torch.Tensor]:
+                 pad_to: Optional[int] = None, segment_ids: bool = False) -> dict[str, torch.Tensor]:
     """`collate`, on `device`."""
-    return {k: v.to(device) for k, v in collate(rows, pad_id, block_mask=block_mask, pad_to=pad_to).items()}
+    return {k: v.to(device) for k, v in collate(rows, pad_id, block_mask=block_mask, pad_to=pad_to,
+                                                segment_ids=segment_ids).items()}
 
 
 def needs_block_mask(attn_implementation: Optional[str]) -> bool:
     """Packed rows need scalora's (B, 1, T, T) block mask, except with flash attention (its variable-length path) and
-    flex attention (a sparse block mask), which split the examples by their position ids, with no T x T mask."""
-    return not (attn_implementation or "").startswith(("flash", "flex"))
+    flex attention (a sparse block mask), which split the examples by their position ids, and scalora's
+    sdpa_segments (example ids, `collate(segment_ids=True)`): no T x T mask."""
+    return not (attn_implementation or "").startswith(("flash", "flex", "sdpa_segments"))
 
 
 def packed_mask(position_ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:

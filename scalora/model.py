@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import attention
 from .config import BUILTIN_MODEL, RunConfig
 from .core.errors import UserError
 from .core.lora import share_dropout_masks, use_fast_dropout, use_fused_lora
@@ -102,11 +103,24 @@ def run_compute_dtype(cfg: RunConfig, path: str) -> tuple[torch.dtype, str]:
     return compute_dtype(cfg.model.dtype, getattr(text, "hidden_size", None))
 
 
+def attention_implementation(cfg: RunConfig, on_cpu: Optional[bool] = None) -> Optional[str]:
+    """The attention kernel a run uses: the run config's, else on CPUs (this machine's unless `on_cpu` says)
+    scalora's example-by-example SDPA (`scalora.attention`; not inside compiled layers, which keep SDPA and the
+    block mask), else transformers' default (None)."""
+    if cfg.model.attn_implementation:
+        return cfg.model.attn_implementation
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    return attention.NAME if on_cpu and not cfg.model.compile else None
+
+
 def attention_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """`attn_implementation` for transformers, where the run config names one (refused where it cannot train)."""
-    name = cfg.model.attn_implementation
+    """`attn_implementation` for transformers (refused where it cannot train)."""
+    name = attention_implementation(cfg)
     if not name:
         return {}
+    if name == attention.NAME:
+        attention.register()
     if name.startswith("flex") and not torch.cuda.is_available():
         raise UserError(f"model.attn_implementation={name}: torch's flex attention has no backward pass on CPUs; use "
                         "sdpa (the default) there")

@@ -349,6 +349,7 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
 def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                          hidden_size: Optional[int] = None) -> Settings:
     from .data import needs_block_mask
+    from .model import attention_implementation
 
     if cfg.model.dtype == "auto" and device == "gpu":
         compute = 2
@@ -359,7 +360,7 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
     return Settings(bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
                     lora_dropout=cfg.lora.lora_dropout, optimizer=cfg.train.optimizer, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                    packed_mask=cfg.data.packing and needs_block_mask(cfg.model.attn_implementation),
+                    packed_mask=cfg.data.packing and needs_block_mask(attention_implementation(cfg, device == "cpu")),
                     chunked_loss=cfg.train.chunked_loss,
                     device=device, cpu_overhead=cpu_overhead, low_memory_loading=cfg.dist.low_memory_loading,
                     shared_dropout=cfg.train.shared_dropout, fast_dropout=cfg.train.fast_dropout)

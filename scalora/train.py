@@ -20,14 +20,15 @@ from typing import Any, Optional
 
 import torch
 
-from . import checkpoint, dist, faults, sharding
+from . import attention, checkpoint, dist, faults, sharding
 from .config import RunConfig
 from .core.errors import UserError
 from .data import Datasets, build_datasets, count_loss_tokens, device_batch, needs_block_mask
 from .evaluate import describe, validate
 from .hardware import cpu_features
 from .loss import token_loss_sum
-from .model import build_model, prequantized_storage, resolve_model_path, run_compute_dtype
+from .model import attention_implementation, build_model, prequantized_storage, resolve_model_path, \
+    run_compute_dtype
 from .tracking import Progress, Tracker, choose_tracker, plot_losses, summary_text
 
 
@@ -238,7 +239,8 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
     G, micro, world, rank = cfg.train.global_batch_size, cfg.train.micro_batch_size, accelerator.num_processes, \
         accelerator.process_index
     mine = rows[rank * (G // world):(rank + 1) * (G // world)]
-    block_mask = needs_block_mask(cfg.model.attn_implementation)
+    attn = attention_implementation(cfg)
+    block_mask, segment_ids = needs_block_mask(attn), attn == attention.NAME
     # Compiled layers recompile for each new sequence length (~15-30 s each, measured on CPU); packed rows are
     # ~95% full, so padding them to max_length costs little and keeps one shape.
     pad_to = cfg.data.max_length if cfg.model.compile and cfg.data.packing else None
@@ -250,7 +252,7 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
         torch.manual_seed(_micro_seed(cfg.train.seed, step, (rank * (G // world) + i) // micro))
         with accelerator.accumulate(run.model):
             batch = device_batch(mine[i:i + micro], run.tokenizer.pad_token_id, accelerator.device, block_mask,
-                                 pad_to)
+                                 pad_to, segment_ids)
             loss_sum = token_loss_sum(run.model, batch, cfg.train.chunked_loss)
             if faults.hit("nan", step + 1):
                 loss_sum = loss_sum * float("nan")
