@@ -366,7 +366,7 @@ def profile_step(model_path: str, data: str, size: str, threads: int, compiled: 
 
     from scalora import attention
     from scalora.data import collate, needs_block_mask
-    from scalora.model import attention_implementation, build_model
+    from scalora.model import build_model
     from scalora.loss import token_loss_sum
 
     torch.set_num_threads(threads)
@@ -375,7 +375,7 @@ def profile_step(model_path: str, data: str, size: str, threads: int, compiled: 
     cfg = _run_config(a)
     model, tok, _ = build_model(cfg)
     examples = _examples(cfg, tok)
-    attn = attention_implementation(cfg)  # as the run collates: example ids for sdpa_segments
+    attn = model.config._attn_implementation  # as the run collates: example ids for sdpa_segments
     batch = collate(examples[:RUN[size][1]], tok.pad_token_id, block_mask=needs_block_mask(attn),
                     pad_to=cfg.data.max_length if compiled else None, segment_ids=attn == attention.NAME)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)

@@ -42,8 +42,8 @@ class ModelConfig:
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
     attn_implementation: Optional[str] = _f(
         None, "transformers attention kernel (sdpa, eager, sdpa_segments, flash_attention_2, flex_attention on "
-        "GPUs); unset: sdpa_segments on CPUs (each example its own causal SDPA call, no T x T mask; sdpa where "
-        "model.compile), transformers' default on GPUs; with data.packing, flash and flex attention split the "
+        "GPUs); unset: sdpa_segments on CPUs in fp32 (each example its own causal SDPA call, no T x T mask; sdpa in "
+        "bf16 or with model.compile), transformers' default on GPUs; with data.packing, flash and flex attention split the "
         "examples by position ids with no T x T mask")
     compile: bool = _f(False, "torch.compile each decoder layer (fuses the elementwise work; the first steps "
                        "compile, ~10-30 s per shape seen)")

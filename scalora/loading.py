@@ -68,7 +68,7 @@ def skeleton(cfg, path: str, dtype: torch.dtype) -> nn.Module:
 
     config = load_hf_config(cfg, path)
     quantizer, config, _ = get_hf_quantizer(config, quantization_config(cfg, dtype), {"": "cpu"}, True, {})
-    kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **attention_kwargs(cfg))
+    kwargs = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **attention_kwargs(cfg, dtype))
     try:  # from_pretrained's flag for a quantized model: no DeepSpeed zero.Init around the skeleton
         from transformers.modeling_utils import set_quantized_state
     except ImportError:  # pragma: no cover - older transformers

@@ -103,20 +103,21 @@ def run_compute_dtype(cfg: RunConfig, path: str) -> tuple[torch.dtype, str]:
     return compute_dtype(cfg.model.dtype, getattr(text, "hidden_size", None))
 
 
-def attention_implementation(cfg: RunConfig, on_cpu: Optional[bool] = None) -> Optional[str]:
-    """The attention kernel a run uses: the run config's, else on CPUs (this machine's unless `on_cpu` says)
-    scalora's example-by-example SDPA (`scalora.attention`; not inside compiled layers, which keep SDPA and the
-    block mask), else transformers' default (None)."""
+def attention_implementation(cfg: RunConfig, dtype: torch.dtype, on_cpu: Optional[bool] = None) -> Optional[str]:
+    """The attention kernel a run with compute `dtype` uses: the run config's, else on CPUs (this machine's unless
+    `on_cpu` says) in fp32 scalora's example-by-example SDPA (`scalora.attention`; measured 1.05x the step at 4m,
+    BENCHMARKS.md section 6; not in bf16, where it measured slower at 30m, nor inside compiled layers, which keep
+    SDPA and the block mask), else transformers' default (None)."""
     if cfg.model.attn_implementation:
         return cfg.model.attn_implementation
     if on_cpu is None:
         on_cpu = not torch.cuda.is_available()
-    return attention.NAME if on_cpu and not cfg.model.compile else None
+    return attention.NAME if on_cpu and dtype == torch.float32 and not cfg.model.compile else None
 
 
-def attention_kwargs(cfg: RunConfig) -> dict[str, Any]:
+def attention_kwargs(cfg: RunConfig, dtype: torch.dtype) -> dict[str, Any]:
     """`attn_implementation` for transformers (refused where it cannot train)."""
-    name = attention_implementation(cfg)
+    name = attention_implementation(cfg, dtype)
     if not name:
         return {}
     if name == attention.NAME:
@@ -138,7 +139,7 @@ def load_base(cfg: RunConfig, path: str, device_map: Any = None, dtype: Optional
                                   dtype=dtype, quantization_config=quantization_config(cfg, dtype))
     if device_map is not None:
         kwargs["device_map"] = device_map
-    kwargs.update(attention_kwargs(cfg))
+    kwargs.update(attention_kwargs(cfg, dtype))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=hf_config, **kwargs)
     except ValueError as e:

@@ -349,6 +349,8 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
 def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                          hidden_size: Optional[int] = None) -> Settings:
     from .data import needs_block_mask
+    import torch
+
     from .model import attention_implementation
 
     if cfg.model.dtype == "auto" and device == "gpu":
@@ -360,7 +362,8 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
     return Settings(bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
                     lora_dropout=cfg.lora.lora_dropout, optimizer=cfg.train.optimizer, micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
-                    packed_mask=cfg.data.packing and needs_block_mask(attention_implementation(cfg, device == "cpu")),
+                    packed_mask=cfg.data.packing and needs_block_mask(attention_implementation(
+                        cfg, torch.float32 if compute == 4 else torch.bfloat16, device == "cpu")),
                     chunked_loss=cfg.train.chunked_loss,
                     device=device, cpu_overhead=cpu_overhead, low_memory_loading=cfg.dist.low_memory_loading,
                     shared_dropout=cfg.train.shared_dropout, fast_dropout=cfg.train.fast_dropout)

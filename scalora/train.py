@@ -27,8 +27,7 @@ from .data import Datasets, build_datasets, count_loss_tokens, device_batch, nee
 from .evaluate import describe, validate
 from .hardware import cpu_features
 from .loss import token_loss_sum
-from .model import attention_implementation, build_model, prequantized_storage, resolve_model_path, \
-    run_compute_dtype
+from .model import build_model, prequantized_storage, resolve_model_path, run_compute_dtype
 from .tracking import Progress, Tracker, choose_tracker, plot_losses, summary_text
 
 
@@ -239,7 +238,7 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
     G, micro, world, rank = cfg.train.global_batch_size, cfg.train.micro_batch_size, accelerator.num_processes, \
         accelerator.process_index
     mine = rows[rank * (G // world):(rank + 1) * (G // world)]
-    attn = attention_implementation(cfg)
+    attn = accelerator.unwrap_model(run.model).config._attn_implementation  # what the model was built with
     block_mask, segment_ids = needs_block_mask(attn), attn == attention.NAME
     # Compiled layers recompile for each new sequence length (~15-30 s each, measured on CPU); packed rows are
     # ~95% full, so padding them to max_length costs little and keeps one shape.

@@ -89,14 +89,16 @@ def test_decoding_with_a_cache_matches_sdpa(tok):
     torch.testing.assert_close(out[attention.NAME], out["sdpa"], rtol=1e-5, atol=1e-5)
 
 
-def test_the_run_picks_segments_on_cpus_unless_compiled_or_named():
+def test_the_run_picks_segments_on_cpus_in_fp32_unless_compiled_or_named():
     from scalora.model import attention_implementation
 
     from dataclasses import replace
 
     cfg = RunConfig()
-    assert attention_implementation(cfg, on_cpu=True) == attention.NAME
-    assert attention_implementation(cfg, on_cpu=False) is None
-    assert attention_implementation(replace(cfg, model=replace(cfg.model, compile=True)), on_cpu=True) is None
-    assert attention_implementation(replace(cfg, model=replace(cfg.model, attn_implementation="eager")),
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert attention_implementation(cfg, fp32, on_cpu=True) == attention.NAME
+    assert attention_implementation(cfg, bf16, on_cpu=True) is None
+    assert attention_implementation(cfg, fp32, on_cpu=False) is None
+    assert attention_implementation(replace(cfg, model=replace(cfg.model, compile=True)), fp32, on_cpu=True) is None
+    assert attention_implementation(replace(cfg, model=replace(cfg.model, attn_implementation="eager")), fp32,
                                     on_cpu=True) == "eager"
