@@ -79,3 +79,18 @@ def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.d
         return torch.float32, (f"auto: CPU with AMX ({have}) but hidden size {hidden_size} < {BF16_MIN_HIDDEN}, "
                                "where fp32 steps were measured faster")
     return torch.float32, f"auto: CPU without AMX ({have}), where fp32 steps were measured faster than bf16"
+
+
+# oneDNN (torch's bf16 matmuls on CPUs) keeps a primitive per matmul shape, 1,024 by default. Padded micro-batches
+# bring a new length, so new shapes, every step, and the cache grew a 30m-parameter bf16 run's live peak by 0.18 GiB
+# (1.22x a peft loop's fp32 peak); at 32 it is the peft loop's (1.00x; 1.02x at 64), at the same speed within this
+# machine's noise (BENCHMARKS.md section 6). A value the environment sets is kept.
+ONEDNN_CACHE = "32"
+
+
+def limit_onednn_cache() -> None:
+    """Cap oneDNN's primitive cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) unless the environment sets it; read by oneDNN
+    when it first builds a primitive, so call before the first bf16 matmul."""
+    import os
+
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)

@@ -25,7 +25,7 @@ from .config import RunConfig
 from .core.errors import UserError
 from .data import Datasets, build_datasets, count_loss_tokens, device_batch, needs_block_mask
 from .evaluate import describe, validate
-from .hardware import cpu_features
+from .hardware import cpu_features, limit_onednn_cache
 from .loss import token_loss_sum
 from .model import build_model, prequantized_storage, resolve_model_path, run_compute_dtype
 from .tracking import Progress, Tracker, choose_tracker, plot_losses, summary_text
@@ -182,6 +182,7 @@ def _log_header(run: Run) -> None:
 
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run the configured fine-tune; returns the summary (also written to OUTPUT/summary.json)."""
+    limit_onednn_cache()
     run = setup(cfg)
     t, data, log = cfg.train, run.data, run.log
     first_eval = _validate(run, 0) if run.start == 0 and data.validation else {}

@@ -231,3 +231,23 @@ def test_scalora_clears_the_flag_and_unpacks(monkeypatch):
     with torch.no_grad():
         model(torch.randn(2, 128))
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+
+
+def test_onednn_cache_is_capped_unless_the_environment_sets_it(monkeypatch):
+    """`scalora train` caps oneDNN's primitive cache (a bf16 run with padded batches grew its live peak 1.22x a peft
+    loop's without the cap, BENCHMARKS.md section 6) and keeps a value the user set."""
+    import inspect
+
+    from scalora import train
+    from scalora.hardware import ONEDNN_CACHE, limit_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    limit_onednn_cache()
+    import os
+
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == ONEDNN_CACHE == "32"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "500")
+    limit_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "500"
+    body = inspect.getsource(train.train)
+    assert body.index("limit_onednn_cache()") < body.index("setup(cfg)")  # before the model's first matmul
