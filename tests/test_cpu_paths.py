@@ -237,14 +237,13 @@ def test_onednn_cache_is_capped_unless_the_environment_sets_it(monkeypatch):
     """`scalora train` caps oneDNN's primitive cache (a bf16 run with padded batches grew its live peak 1.22x a peft
     loop's without the cap, BENCHMARKS.md section 6) and keeps a value the user set."""
     import inspect
+    import os
 
     from scalora import train
     from scalora.hardware import ONEDNN_CACHE, limit_onednn_cache
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     limit_onednn_cache()
-    import os
-
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == ONEDNN_CACHE == "32"
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "500")
     limit_onednn_cache()
