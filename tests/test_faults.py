@@ -78,11 +78,15 @@ def test_sigkill_from_outside_at_random_times(env, reference):
     for _ in range(2):
         proc = subprocess.Popen([sys.executable, "-m", "scalora", *train_args(out)], env=env["env"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        after = f"step {rng.randint(1, 2)}/6"
-        for line in proc.stdout:  # wait until training reaches that step, then kill at a random moment
-            if line.startswith(after):
-                break
-        time.sleep(rng.uniform(0, 0.2))  # a step of this run takes ~0.1-0.2 s: the kill lands inside steps 2-4
+        after = rng.randint(1, 2)
+        last, step_s = None, 0.05
+        for line in proc.stdout:  # wait until training reaches that step (a resumed run may start past it), then
+            now = time.monotonic()  # kill at a random moment
+            if re.match(r"step \d+/6", line):
+                step_s, last = (now - last if last is not None else step_s), now
+                if int(line.split()[1].split("/")[0]) >= after:
+                    break
+        time.sleep(rng.uniform(0, step_s))  # within the next step, however fast this machine runs them
         proc.kill()
         proc.wait()
         assert proc.returncode == -signal.SIGKILL and not (out / "final").exists(), "the run ended before the kill"
