@@ -149,10 +149,11 @@ def test_fast_dropout_keeps_torch_dropout_distribution():
 @pytest.mark.parametrize("base", ["fp32", "nf4"])
 def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatch):
     """train.fused_lora (`use_fused_lora`): the same logits and LoRA gradients as peft's order of operations, fp32
-    and under bf16 autocast, at dropout 0 and with the fast dropout (the same masks from the same seed); the fused
-    path is taken (one addmm per LoRA layer whose base output is in the matmul's dtype) and left for lora_B weights
-    that DeepSpeed ZeRO-3 partitions."""
-    from scalora.core.lora import LoraLayer, use_fast_dropout, use_fused_lora
+    and under bf16 autocast, in eval mode and with the fast, shared dropout (the same masks from the same seed); the
+    fused path is taken (one addmm per LoRA layer whose base output is in the matmul's dtype; in training, q/k/v's
+    and gate/up's lora_A as one matmul, the other layers' lora_A called) and left for weights that DeepSpeed ZeRO-3
+    partitions."""
+    from scalora.core.lora import LoraLayer, share_dropout_masks, use_fast_dropout, use_fused_lora
 
     from conftest import load_quantized
 
@@ -165,8 +166,10 @@ def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatc
                                                                   lora_dropout=0.2, init_lora_weights=False))
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     ids = torch.randint(0, 100, (2, 16))
-    addmm, calls = torch.addmm, []
+    addmm, calls, a_calls = torch.addmm, [], []
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
+    for m in layers:
+        m.lora_A["default"].register_forward_hook(lambda *_: a_calls.append(1))
 
     def run(fused: bool, train: bool, autocast: bool):
         for m in layers:
@@ -182,11 +185,13 @@ def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatc
     with model.disable_adapter():
         bare = model(input_ids=ids).logits
     use_fast_dropout(model)
+    grouped = 5 * share_dropout_masks(model) // 2  # 2 layers x (q/k/v, gate/up): 5 of each layer's 7
     for train, autocast in ((False, False), (True, False), (False, True), (True, True)):
-        calls.clear()
+        calls.clear(), a_calls.clear()
         logits, grads = run(True, train, autocast)
         # nf4 with fp32 compute gives fp32 under autocast: those sums stay fp32, outside the addmm
         assert len(calls) == len(layers) or (autocast and base == "nf4"), (train, autocast)
+        assert len(a_calls) == len(layers) - (grouped if train else 0), (train, autocast)
         ref, ref_grads = run(False, train, autocast)
         tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, ref, **tol)
@@ -194,11 +199,11 @@ def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatc
             torch.testing.assert_close(g, r, **tol)
     assert (ref - bare).abs().max() > 0.1  # the adapters move the logits far beyond the tolerance
     assert use_fused_lora(model) == len(layers) and all(m.fused for m in layers)
-    for m in layers:
-        m.lora_B["default"].weight.ds_id = 0  # partitioned by ZeRO-3: lora_B must be called as a module
-    calls.clear()
+    for m in layers:  # partitioned by ZeRO-3: lora_A and lora_B must be called as modules
+        m.lora_A["default"].weight.ds_id = m.lora_B["default"].weight.ds_id = 0
+    calls.clear(), a_calls.clear()
     torch.testing.assert_close(run(True, True, False)[0], run(False, True, False)[0], rtol=1e-5, atol=1e-5)
-    assert not calls
+    assert not calls and len(a_calls) == 2 * len(layers)
 
 
 @pytest.mark.slow  # two CLI runs

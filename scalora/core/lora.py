@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import quant
 
@@ -116,31 +117,44 @@ class SharedDropout:
     gate/up of an MLP), called in turn: the first draws `dropout(x)`, the others reuse it, and after the last the
     reference is dropped (gradient checkpointing must not find the tensor kept). Each layer's mask has the
     distribution of its own dropout; the layers' masks are the same draw instead of independent ones. A new input,
-    another adapter, or more calls than siblings draw afresh; in compiled code each layer draws its own."""
+    another adapter, or more calls than siblings draw afresh; in compiled code each layer draws its own.
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    Where every sibling is fused (`use_fused_lora`), their lora_A matmuls on the shared input are one too: the
+    first computes `h @ cat(A_q, A_k, A_v).T` and each takes its r columns, so that backward computes h's gradient
+    in one matmul instead of three and two sums (not under ZeRO-3, whose hooks gather each lora_A on its call)."""
+
+    group_lora_a = True  # False: each sibling's own lora_A matmul (for measuring, bench/lora_layer.py)
+
+    def __init__(self, members: list["LoraLayer"]) -> None:
+        self.members = members
+        self.size = len(members)
         self.key: Optional[torch.Tensor] = None
         self.adapter: Optional[str] = None
         self.out: Optional[tuple[torch.Tensor, float]] = None
+        self.a: Optional[tuple[torch.Tensor, ...]] = None
         self.used = 0
 
-    def __call__(self, dropout: nn.Module, key: torch.Tensor, inp: torch.Tensor, adapter: str
-                 ) -> tuple[torch.Tensor, float]:
-        """`_drop(dropout, inp)`, drawn by the first sibling to read `key`."""
+    def __call__(self, dropout: nn.Module, key: torch.Tensor, inp: torch.Tensor, adapter: str, layer: "LoraLayer"
+                 ) -> tuple[torch.Tensor, float, Optional[torch.Tensor]]:
+        """`(*_drop(dropout, inp), layer's lora_A output or None)`, drawn by the first sibling to read `key`."""
         if not dropout.training or torch.compiler.is_compiling():
-            return _drop(dropout, inp)
+            return (*_drop(dropout, inp), None)
         # the same input by its memory, not its Python object: hooks (DeepSpeed ZeRO-3's) hand each module a new
         # tensor object for the same data; `self.key` is held, so no other tensor can take its place meanwhile
         same = self.key is not None and (key.data_ptr(), key.shape, key.stride(), key._version) == (
             self.key.data_ptr(), self.key.shape, self.key.stride(), self.key._version)
         if not same or self.adapter != adapter or self.used >= self.size:
-            self.key, self.adapter, self.out, self.used = key, adapter, _drop(dropout, inp), 0
-        out = self.out
+            self.key, self.adapter, self.out, self.a, self.used = key, adapter, _drop(dropout, inp), None, 0
+            weights = [m.lora_A[adapter].weight if adapter in m.lora_A else None for m in self.members]
+            if self.group_lora_a and all(m.fused for m in self.members) and all(
+                    w is not None and not hasattr(w, "ds_id") and w.dtype == weights[0].dtype for w in weights):
+                self.a = F.linear(self.out[0], torch.cat(weights)).split([w.shape[0] for w in weights], -1)
+        h, factor = self.out
+        a = self.a[next(i for i, m in enumerate(self.members) if m is layer)] if self.a is not None else None
         self.used += 1
         if self.used >= self.size:
-            self.key = self.out = None
-        return out
+            self.key = self.out = self.a = None
+        return h, factor, a
 
 
 # Attribute names of LoRA layers in one parent module that read the same input (Llama, Mistral, Qwen, Gemma, ...).
@@ -160,7 +174,7 @@ def share_dropout_masks(model: nn.Module, groups: tuple[tuple[str, ...], ...] = 
             kinds = {(type(d), getattr(d, "p", 0.0)) for m in members for d in m.lora_dropout.values()}
             if len(kinds) != 1:
                 continue
-            share = SharedDropout(len(members))
+            share = SharedDropout(members)
             for m in members:
                 m.__dict__["dropout_share"] = share
             n += 1
@@ -245,7 +259,7 @@ class LoraLayer(Wrapper):
             inp = x if keep else x.to(lora_A.weight.dtype)
             share = self.__dict__.get("dropout_share")
             dropout = self.lora_dropout[name]
-            h, factor = share(dropout, x, inp, name) if share is not None else _drop(dropout, inp)
+            h, factor, a = share(dropout, x, inp, name, self) if share is not None else (*_drop(dropout, inp), None)
             if not self.fused:  # peft's order of operations, so peft's numbers to the last bit
                 if factor != 1.0:
                     h = h * factor
@@ -253,7 +267,7 @@ class LoraLayer(Wrapper):
                 continue
             # The scalars go on lora_A's r output columns rather than on the in- / out-wide tensors, and lora_B's
             # matmul adds into the base's output (addmm): two passes over (..., out) and one over (..., in) fewer.
-            a = lora_A(h) * (self.scaling[name] * factor)  # (..., r)
+            a = (lora_A(h) if a is None else a) * (self.scaling[name] * factor)  # (..., r)
             # (not under DeepSpeed ZeRO-3, whose hooks gather lora_B's weight only when lora_B itself is called)
             if result.dtype == (torch.get_autocast_dtype(x.device.type) if autocast else lora_B.weight.dtype) \
                     and not hasattr(lora_B.weight, "ds_id"):
