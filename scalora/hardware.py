@@ -83,9 +83,11 @@ def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.d
 
 # oneDNN (torch's bf16 matmuls on CPUs) keeps a primitive per matmul shape, 1,024 by default. Padded micro-batches
 # bring a new length, so new shapes, every step, and the cache grew a 30m-parameter bf16 run's live peak by 0.18 GiB
-# (1.22x a peft loop's fp32 peak); at 32 it is the peft loop's (1.00x; 1.02x at 64), at the same speed within this
-# machine's noise (BENCHMARKS.md section 6). A value the environment sets is kept.
-ONEDNN_CACHE = "32"
+# (1.22x a peft loop's fp32 peak). Smaller caps save more but a step's own shapes must fit, or every matmul builds
+# its primitive again (0.22x the speed at 0): 30m padded measured 1.00x the peft loop's peak at 32 and 1.04x at 64
+# but 0.90x the speed there once the step had a few more shapes; 128 keeps the speed, 1.06-1.07x the peak
+# (BENCHMARKS.md section 6). A value the environment sets is kept.
+ONEDNN_CACHE = "128"
 
 
 def limit_onednn_cache() -> None:
