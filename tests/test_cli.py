@@ -87,8 +87,9 @@ def test_merge_gives_the_trained_model(trained, env):
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any(isinstance(m, scalora.LoraLayer) for m in merged.modules())
     assert getattr(merged.config, "quantization_config", None) is None
+    # fp32 rounding of (W + s B A) x against W x + s B (A x): up to 1.3e-5 measured; a wrong merge is off by > 1e-3
     torch.testing.assert_close(_logits(merged, ids), _logits(_as_trained(env, out / "final"), ids), rtol=0,
-                               atol=1e-5)
+                               atol=5e-5)
     full_dir = env["root"] / "merged-full"
     run(env, "merge", str(out / "final"), "--out", str(full_dir), "--full-precision")
     ref = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
