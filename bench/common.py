@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from typing import Callable
 
 
 def emit_result(result: dict) -> None:
@@ -19,6 +21,17 @@ def run_worker(cmd: list[str], env: dict, what: str, cwd=None) -> dict:
     if p.returncode or not line:
         raise RuntimeError(f"{what} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return json.loads(line[-1][len("RESULT "):])
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `fn`, after one call not counted (warm-up)."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def write_results(path: str, results: dict) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,20 +18,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import timed  # noqa: E402 (bench/, the script's folder)
 from scalora.core.lora import FastDropout  # noqa: E402
 from scalora.hardware import cpu_features  # noqa: E402
 
 WIDTHS = {"4m": (256, 688), "30m": (512, 1376), "120m": (768, 2048)}
-
-
-def timed(fn, repeats: int = 30) -> list[float]:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def main() -> None:

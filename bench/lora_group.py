@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,17 +19,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import scalora.core.lora as L  # noqa: E402
+from common import timed  # noqa: E402 (bench/, the script's folder)
 from scalora.hardware import cpu_features  # noqa: E402
-
-
-def timed(fn, repeats: int = 10) -> list[float]:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def layer(fin: int, fout: int) -> L.LoraLayer:
@@ -64,7 +54,7 @@ def main() -> None:
         for _ in range(3):
             for grouped in (True, False):
                 L.SharedDropout.group_lora_a = grouped
-                rows[grouped] += timed(step)
+                rows[grouped] += timed(step, 10)
         L.SharedDropout.group_lora_a = True
         med = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
         print(f"hidden {hidden}: one lora_A matmul {med[True]:.2f} ms, three {med[False]:.2f} ms, "
