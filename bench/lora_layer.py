@@ -1,4 +1,5 @@
-"""One LoRA-wrapped layer, forward + backward: scalora's wrapper vs peft's vs the bare base layer.
+"""One LoRA-wrapped layer, forward + backward: scalora's wrapper (peft's order of operations, and fused:
+`use_fused_lora`, what `scalora train` runs) vs peft's vs the bare base layer.
 
     .venv/bin/python bench/lora_layer.py            # about 1 min on 2 cores
 
@@ -26,7 +27,7 @@ def build(kind: str, features: int, device: str, dtype):
     import torch
     from torch import nn
 
-    from scalora.core.lora import LoraLayer
+    from scalora.core.lora import LoraLayer, use_fused_lora
 
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05)
     torch.manual_seed(0)
@@ -44,12 +45,14 @@ def build(kind: str, features: int, device: str, dtype):
         make_peft = lambda b: peft.tuners.lora.layer.Linear(b, "default", config, r=16,  # noqa: E731
                                                             lora_alpha=32, lora_dropout=0.05)
     base.requires_grad_(False)
-    ours = LoraLayer(base)
-    ours.update_layer("default", 16, 32, 0.05, True, False)
+    ours, fused = LoraLayer(base), LoraLayer(base)
+    for layer in (ours, fused):
+        layer.update_layer("default", 16, 32, 0.05, True, False)
+    use_fused_lora(fused)
     theirs = make_peft(base)
-    for layer in (ours, theirs):
+    for layer in (ours, fused, theirs):
         layer.lora_B["default"].weight.data.normal_(0, 0.01)  # a trained adapter, not the zero init
-    return {"bare": base, "scalora": ours, "peft": theirs}
+    return {"bare": base, "scalora": ours, "fused": fused, "peft": theirs}
 
 
 def bench(kind: str, features: int = 2048, tokens: int = 2048, rounds: int = 15) -> dict:
@@ -79,12 +82,14 @@ def main() -> dict:
 
     torch.set_num_threads(torch.get_num_threads())
     out = {}
-    print(f"{'base':<6} | {'bare ms':>8} | {'scalora ms':>10} | {'peft ms':>8} | scalora/bare | peft/bare | scalora/peft")
+    print(f"{'base':<6} | {'bare ms':>8} | {'scalora ms':>10} | {'fused ms':>8} | {'peft ms':>8} | scalora/bare | "
+          "peft/bare | scalora/peft | fused/peft")
     for kind in ("fp32" if not torch.cuda.is_available() else "bf16", "4bit"):
         t = bench("4bit" if kind == "4bit" else "dense")
         out[kind] = t
-        print(f"{kind:<6} | {t['bare'] * 1e3:8.2f} | {t['scalora'] * 1e3:10.2f} | {t['peft'] * 1e3:8.2f} | "
-              f"{t['scalora'] / t['bare']:12.3f} | {t['peft'] / t['bare']:9.3f} | {t['scalora'] / t['peft']:.3f}")
+        print(f"{kind:<6} | {t['bare'] * 1e3:8.2f} | {t['scalora'] * 1e3:10.2f} | {t['fused'] * 1e3:8.2f} | "
+              f"{t['peft'] * 1e3:8.2f} | {t['scalora'] / t['bare']:12.3f} | {t['peft'] / t['bare']:9.3f} | "
+              f"{t['scalora'] / t['peft']:12.3f} | {t['fused'] / t['peft']:.3f}")
     return out
 
 
