@@ -10,9 +10,9 @@ work only, no mask, grouped-query heads as they are. Padding's outputs are zeros
 value (softmax over one key).
 
 Everything else (decoding with a cache, queries and keys of different lengths) goes to transformers' SDPA with the
-equivalent mask. Registered with transformers' `AttentionInterface` on import; scalora picks it on CPUs when the
-run config leaves `model.attn_implementation` unset and the layers are not compiled (`model.attention_kwargs`).
-Measured: BENCHMARKS.md section 6.
+equivalent mask. `register()` adds it to transformers' `AttentionInterface`; scalora picks it on CPUs in fp32 when
+the run config leaves `model.attn_implementation` unset and the layers are not compiled
+(`model.attention_implementation`). Measured: BENCHMARKS.md section 6.
 """
 
 from __future__ import annotations
@@ -29,11 +29,23 @@ NAME = "sdpa_segments"
 _last: dict[str, Any] = {"mask": None, "version": -1, "rows": None}
 
 
+def example_ids(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The (B, S) example ids a mask holds: a (B, S) padding mask, or scalora's (B, 1, 1, S) ids; None for no mask
+    or any other (a (B, 1, T, S) mask, an additive float mask)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask
+    if mask.dim() == 4 and mask.shape[1:3] == (1, 1) and not mask.is_floating_point():
+        return mask.view(mask.shape[0], mask.shape[-1])
+    return None
+
+
 def segments(mask: torch.Tensor) -> list[list[tuple[int, int, int]]]:
     """Per row of a (B, T) or (B, 1, 1, T) mask of example ids, its runs as (start, end, id), id 0 for padding."""
     if _last["mask"] is mask and _last["version"] == mask._version:
         return _last["rows"]
-    ids = mask.detach().to("cpu", torch.long).view(mask.shape[0], mask.shape[-1])
+    ids = example_ids(mask).detach().to("cpu", torch.long)
     T = ids.shape[1]
     change = (ids[:, 1:] != ids[:, :-1]).nonzero().tolist()
     cuts: list[list[int]] = [[0] for _ in range(ids.shape[0])]
@@ -51,9 +63,9 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention-function signature: query (B, H, T, D), key / value (B, H_kv, S, D); returns
     ((B, T, H, D), None)."""
     B, H, T, D = query.shape
-    ids = attention_mask is None or attention_mask.dim() == 2 or (
-        attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1) and not attention_mask.is_floating_point())
-    if key.shape[2] != T or not ids or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+    readable = attention_mask is None or example_ids(attention_mask) is not None
+    if key.shape[2] != T or not readable or kwargs.get("position_bias") is not None \
+            or kwargs.get("softcap") is not None:
         return _with_mask(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     groups = H // key.shape[1]
     if attention_mask is None:
@@ -83,9 +95,9 @@ def _with_mask(module, query, key, value, attention_mask, dropout, scaling, **kw
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     T, S = query.shape[2], key.shape[2]
-    if attention_mask is not None and attention_mask.dim() == 2 or (
-            attention_mask is not None and attention_mask.shape[1:3] == (1, 1)):
-        ids = attention_mask.reshape(attention_mask.shape[0], -1)[:, -S:].to(torch.long)
+    ids = example_ids(attention_mask)
+    if ids is not None:
+        ids = ids[:, -S:].to(torch.long)
         i = torch.arange(T, device=query.device)[:, None] + (S - T)
         j = torch.arange(S, device=query.device)[None, :]
         same = ids[:, None, :] == ids[:, -T:, None]  # (B, T, S)

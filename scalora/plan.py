@@ -348,9 +348,9 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
 # --- from a run config ------------------------------------------------------------------------------------------
 def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                          hidden_size: Optional[int] = None) -> Settings:
-    from .data import needs_block_mask
     import torch
 
+    from .data import needs_block_mask
     from .model import attention_implementation
 
     if cfg.model.dtype == "auto" and device == "gpu":
