@@ -81,18 +81,23 @@ def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.d
     return torch.float32, f"auto: CPU without AMX ({have}), where fp32 steps were measured faster than bf16"
 
 
-# oneDNN (torch's bf16 matmuls on CPUs) keeps a primitive per matmul shape, 1,024 by default. Padded micro-batches
-# bring a new length, so new shapes, every step, and the cache grew a 30m-parameter bf16 run's live peak by 0.18 GiB
-# (1.22x a peft loop's fp32 peak). Smaller caps save more but a step's own shapes must fit, or every matmul builds
-# its primitive again (0.22x the speed at 0): 30m padded measured 1.00x the peft loop's peak at 32 and 1.04x at 64
-# but 0.90x the speed there once the step had a few more shapes; 128 keeps the speed, 1.06-1.07x the peak
-# (BENCHMARKS.md section 6). A value the environment sets is kept.
-ONEDNN_CACHE = "128"
+# torch's bf16 matmuls on CPUs go through oneDNN, and two caches keep what each matmul shape built, 1,024 shapes
+# each by default: oneDNN's primitive cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and ideep's computation cache, torch's
+# C++ wrapper around oneDNN (LRU_CACHE_CAPACITY). Padded micro-batches bring a new length, so new shapes, every
+# step: a 30m-parameter bf16 run with padded batches held ~11 MiB more after each micro-batch, and its live peak was
+# 1.22x a peft loop's fp32 peak after 4 steps, growing with every step. Capping either cache alone leaves the other
+# growing (`tests/test_cpu_paths.py` measures both). Both at 64: 0.92x the peft loop's live peak at the same speed
+# as 128 and 32 (705 / 702 / 707 tokens/s, BENCHMARKS.md section 6), with room for models with more shapes
+# than that run's.
+# A value the environment sets is kept.
+ONEDNN_CACHE = "64"
+ONEDNN_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
 
 def limit_onednn_cache() -> None:
-    """Cap oneDNN's primitive cache (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) unless the environment sets it; read by oneDNN
-    when it first builds a primitive, so call before the first bf16 matmul."""
+    """Cap oneDNN's primitive cache and ideep's computation cache (`ONEDNN_CACHE_VARS`) unless the environment sets
+    them; both are read when the first bf16 matmul builds its primitive, so call before it."""
     import os
 
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
+    for name in ONEDNN_CACHE_VARS:
+        os.environ.setdefault(name, ONEDNN_CACHE)

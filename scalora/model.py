@@ -14,7 +14,7 @@ from .core.errors import UserError
 from .core.lora import share_dropout_masks, use_fast_dropout, use_fused_lora
 from .core.lora_config import LoraConfig
 from .core.peft_model import PeftModel, get_peft_model
-from .hardware import compute_dtype
+from .hardware import compute_dtype, limit_onednn_cache
 
 
 # config.json of real models (no weights), for planning offline: "meta-llama/Llama-3.1-70B" is stored as
@@ -279,6 +279,7 @@ def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Option
     from .core.adapter_io import read_tensors
     from .core.lora_config import WEIGHTS_NAME, resolve_adapter_file
 
+    limit_onednn_cache()  # prompts of every length: new bf16 matmul shapes, as in training
     adapter_cfg = LoraConfig.from_pretrained(adapter_dir)
     read_tensors(resolve_adapter_file(adapter_dir, WEIGHTS_NAME))  # a damaged adapter is named before the base loads
     run_yaml = config or run_config_of(adapter_dir)
