@@ -374,6 +374,7 @@ def profile_step(model_path: str, data: str, size: str, threads: int, compiled: 
                            stack="scalora-compile" if compiled else "scalora-pack")
     cfg = _run_config(a)
     model, tok, _ = build_model(cfg)
+    model.train()  # as train() does: the layers' checkpointing and dropout are on in training mode only
     examples = _examples(cfg, tok)
     attn = model.config._attn_implementation  # as the run collates: example ids for sdpa_segments
     batch = collate(examples[:RUN[size][1]], tok.pad_token_id, block_mask=needs_block_mask(attn),
