@@ -172,7 +172,12 @@ def prepare_for_training(model, cfg: RunConfig) -> None:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
+        # transformers turns on a gradient for the embeddings' output with checkpointing, which only reentrant
+        # checkpointing needs (peft's prepare_model_for_kbit_training skips it for use_reentrant=False, but calls
+        # transformers, which adds it anyway): backward then computed the first layer's q/k/v matmuls for their input
+        # and its input norm's backward, for frozen embeddings.
+        if hasattr(model, "disable_input_require_grads"):
+            model.disable_input_require_grads()
 
 
 def lora_config(cfg: RunConfig, base_path: str) -> LoraConfig:

@@ -39,6 +39,37 @@ def test_only_lora_moves_and_loss_falls(base, saved_tiny_models):
     assert all(torch.equal(after[n], b) for n, b in packed.items())
 
 
+def test_first_layer_input_wants_no_gradient():
+    """The orchestrator's model checkpoints without reentrancy, so the embeddings' output needs no gradient (peft's
+    prepare_model_for_kbit_training skips `enable_input_require_grads` for it too): backward stops at the first
+    layer's LoRA weights instead of computing a gradient for frozen embeddings, and every LoRA gradient is the one
+    computed with it."""
+    from scalora.config import load_config
+    from scalora.data import build_datasets, collate
+    from scalora.loss import token_loss_sum
+    from scalora.model import build_model
+
+    cfg = load_config(None, ["lora.lora_dropout=0.1"])
+    model, tok, _ = build_model(cfg)
+    model.train()
+    batch = collate(build_datasets(cfg.data, tok, 0).train[:4], tok.pad_token_id)
+    wants, grads = [], []
+    for input_grads in (False, True):
+        if input_grads:
+            model.get_base_model().enable_input_require_grads()
+        hook = model.get_input_embeddings().register_forward_hook(  # after transformers' hook, if any
+            lambda mod, args, out: wants.append(out.requires_grad))
+        torch.manual_seed(0)
+        token_loss_sum(model, batch).backward()
+        hook.remove()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    assert wants == [False, True]  # without the hook, then with it
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][n], rtol=1e-6, atol=1e-9, msg=n)
+
+
 def _steps(compiled: bool, steps: int = 4) -> tuple[list[float], dict[str, torch.Tensor]]:
     from scalora.config import load_config
     from scalora.data import build_datasets, collate
