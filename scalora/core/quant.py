@@ -82,6 +82,13 @@ def keep_4bit_weights_plain(model: nn.Module) -> int:
     return n
 
 
+def keeps_no_output(layer: nn.Module) -> bool:
+    """Whether the layer's backward needs none of its forward output (`nn.Linear` itself, bitsandbytes 4-bit and
+    8-bit: their autograd functions keep inputs and weights only), so that a sum may add into that output in place.
+    Subclasses of `nn.Linear` from elsewhere are not assumed to."""
+    return type(layer) is nn.Linear or is_4bit(layer) or is_8bit(layer)
+
+
 def is_wrappable(layer: nn.Module) -> bool:
     """Whether LoRA can wrap this layer (bitsandbytes' layers subclass `nn.Linear`)."""
     return isinstance(layer, nn.Linear) or is_conv1d(layer)
