@@ -120,9 +120,9 @@ class TrainConfig:
                             "distribution with p resolved to 2^-16, at ~0.6x its cost; false: torch's dropout "
                             "(peft's masks from the same seed)")
     fused_lora: bool = _f(True, "LoRA's scalars on lora_A's r columns, lora_B's matmul adding into the base "
-                          "output (in place where nothing else holds it), and with shared_dropout q/k/v's (gate/up's) lora_A as one matmul: the "
-                          "same sum in fewer passes, rounded differently; false: peft's order (peft's numbers to the "
-                          "last bit)")
+                          "output (in place where nothing else holds it), and with shared_dropout q/k/v's "
+                          "(gate/up's) lora_A as one matmul: the same sum in fewer passes, rounded differently; "
+                          "false: peft's order (peft's numbers to the last bit)")
     shared_dropout: bool = _f(True, "one LoRA dropout mask for the projections that read the same input (q/k/v, "
                               "gate/up): each keeps its distribution, 3 of a Llama layer's 7 draws saved; false: a "
                               "mask per projection, as peft")

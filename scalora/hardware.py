@@ -87,9 +87,8 @@ def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.d
 # step: a 30m-parameter bf16 run with padded batches held ~11 MiB more after each micro-batch, and its live peak was
 # 1.22x a peft loop's fp32 peak after 4 steps, growing with every step. Capping either cache alone leaves the other
 # growing (`tests/test_cpu_paths.py` measures both). Both at 64: 0.92x the peft loop's live peak at the same speed
-# as 128 and 32 (705 / 702 / 707 tokens/s, BENCHMARKS.md section 6), with room for models with more shapes
-# than that run's.
-# A value the environment sets is kept.
+# as 128 and 32 (705 / 702 / 707 tokens/s, BENCHMARKS.md section 6), with room for models with more shapes than
+# that run's. A value the environment sets is kept.
 ONEDNN_CACHE = "64"
 ONEDNN_CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 

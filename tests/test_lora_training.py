@@ -199,7 +199,8 @@ def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatc
     ids = torch.randint(0, 100, (2, 16))
     addmm, addmm_, calls, a_calls, in_place = torch.addmm, torch.Tensor.addmm_, [], [], []
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
-    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: calls.append(1) or in_place.append(1) or addmm_(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "addmm_",
+                        lambda *a, **k: calls.append(1) or in_place.append(1) or addmm_(*a, **k))
     for m in layers:
         m.lora_A["default"].register_forward_hook(lambda *_: a_calls.append(1))
 
@@ -240,7 +241,7 @@ def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatc
     for m in layers:
         del m.lora_A["default"].weight.ds_id, m.lora_B["default"].weight.ds_id
     kept = []  # a forward hook on a base layer could keep its output: that sum is not made in place
-    layers[0].base_layer.register_forward_hook(lambda mod, args, out: kept.append(out.detach().clone()) or None)
+    layers[0].base_layer.register_forward_hook(lambda mod, args, out: kept.append(out.detach().clone()))
     hooked = []
     layers[0].base_layer.register_forward_hook(lambda mod, args, out: hooked.append(out))
     calls.clear(), in_place.clear()

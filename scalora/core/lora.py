@@ -83,9 +83,9 @@ def use_fused_lora(model: nn.Module) -> int:
     """Compute every LoRA layer of `model` as `addmm(base_layer(x), lora_A(dropout(x)) * scaling, lora_B.weight.T)`:
     peft's sum with its scalars on lora_A's r output columns and lora_B's matmul adding into the base's output (in
     place, `addmm_`, where nothing else can hold that output), so two passes over the (..., out) output and, with
-    FastDropout, one over the (..., in) input fewer per layer and direction (bench/lora_layer.py, width 2048 with torch's dropout, AVX512-BF16 CPU: 0.93-0.96x peft's layer).
-    Rounded differently from peft's order (fp32: ~1e-7 relative per layer); the
-    orchestrator's `train.fused_lora`. Returns how many layers."""
+    FastDropout, one over the (..., in) input fewer per layer and direction (bench/lora_layer.py, width 2048 with
+    torch's dropout, AVX512-BF16 CPU: 0.93-0.96x peft's layer). Rounded differently from peft's order (fp32: ~1e-7
+    relative per layer); the orchestrator's `train.fused_lora`. Returns how many layers."""
     n = 0
     for module in model.modules():
         if isinstance(module, LoraLayer):
