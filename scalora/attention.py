@@ -96,16 +96,15 @@ def _with_mask(module, query, key, value, attention_mask, dropout, scaling, **kw
 
     T, S = query.shape[2], key.shape[2]
     ids = example_ids(attention_mask)
+    i = torch.arange(T, device=query.device)[:, None] + (S - T)  # query positions among the keys
+    j = torch.arange(S, device=query.device)[None, :]
     if ids is not None:
         ids = ids[:, -S:].to(torch.long)
-        i = torch.arange(T, device=query.device)[:, None] + (S - T)
-        j = torch.arange(S, device=query.device)[None, :]
         same = ids[:, None, :] == ids[:, -T:, None]  # (B, T, S)
         attention_mask = ((j <= i)[None] & same & (ids[:, None, :] != 0))[:, None]
         attention_mask |= (j == i)[None, None]  # padding queries see themselves: no all-masked softmax
     elif attention_mask is None and T > 1 and S > T:
-        i = torch.arange(T, device=query.device)[:, None] + (S - T)
-        attention_mask = (torch.arange(S, device=query.device)[None, :] <= i)[None, None]
+        attention_mask = (j <= i)[None, None]
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
 
