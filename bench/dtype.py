@@ -28,7 +28,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import write_results  # noqa: E402
 
-STEPS = {"4m": 12, "30m": 6, "120m": 3}
+STEPS = {"4m": 12, "30m": 6, "120m": 3, "smol135m": 2}
+# The instruction-set caps a process can be started with (tests/test_isa_levels.py): set, they make one CPU run a
+# lower kind's kernels, and the results are reported under that kind, not the CPU's own.
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def matmul_gflops(dtype, threads: int, n: int = 2048, seconds: float = 1.5) -> float:
@@ -83,13 +86,14 @@ def main() -> None:
     from throughput import build_data, build_model
 
     feats = cpu_features()
+    caps = {k: os.environ[k] for k in ISA_CAPS if k in os.environ}
     mm = {d: matmul_gflops(getattr(torch, d), a.threads) for d in ("float32", "bfloat16")}
     print(f"CPU: {feats['model']} | features: {', '.join(feats['flags']) or 'none of avx2/avx512/amx'} | "
-          f"{a.threads} threads", flush=True)
+          f"{a.threads} threads | instruction sets capped: {caps or 'no'}", flush=True)
     print(f"2048x2048 matmul: fp32 {mm['float32']:.0f} GFLOP/s, bf16 {mm['bfloat16']:.0f} GFLOP/s "
           f"(bf16 / fp32 = {mm['bfloat16'] / mm['float32']:.2f})", flush=True)
     data = build_data()
-    results: dict = {"cpu": feats, "threads": a.threads, "matmul_gflops": mm, "sizes": {}}
+    results: dict = {"cpu": feats, "isa_caps": caps, "threads": a.threads, "matmul_gflops": mm, "sizes": {}}
     print("\nsize  | dtype    | useful tok/s | peak GiB | bf16 / fp32 | max rel. loss diff")
     for size in a.sizes.split(","):
         model = build_model(size)

@@ -46,12 +46,15 @@ SIZES = {  # Llama shapes; vocabulary of the builtin tokenizer (~220 words), unt
                  num_key_value_heads=4),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000),  # TinyLlama-1.1B's shape: 1.10B parameters
+    "smol135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),  # SmolLM2-135M's shape
 }
 RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger the model, the fewer tokens
     "4m": (16, 4, 512, 4),
     "30m": (16, 4, 512, 3),
     "120m": (8, 4, 256, 2),
     "1b": (16, 4, 2048, 3),
+    "smol135m": (16, 8, 128, 2),  # the real-model job's batch (issue 27): 16 rows of up to 128 tokens
 }
 BEST = ["model.liger_kernel=true", "train.chunked_loss=liger", "model.compile=true"]  # scalora-best: GPU levers
 PACK, COMPILE = ["data.packing=true"], ["model.compile=true"]
@@ -87,9 +90,9 @@ def build_model(size: str) -> str:
         return str(path)
     tok = build_tokenizer()
     shape = {"vocab_size": len(tok), **SIZES[size]}  # the builtin tokenizer's words, or a real model's vocabulary
-    cfg = LlamaConfig(max_position_embeddings=max(1024, RUN[size][2]), tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      **shape)
+    cfg = LlamaConfig(**{"max_position_embeddings": max(1024, RUN[size][2]), "tie_word_embeddings": False,
+                         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                         "pad_token_id": tok.pad_token_id, **shape})
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     tmp = path.with_name(path.name + ".tmp")
@@ -459,16 +462,17 @@ def main() -> None:
         stacks = a.stacks.split(",")
     data = build_data(long=a.gpu)
     peak = matmul_peak(a.threads)
-    from scalora.hardware import cpu_features
+    from scalora.hardware import cpu_features, cpu_kind
 
     feats = cpu_features()
+    kind = "gpu" if torch.cuda.is_available() else cpu_kind(feats)  # every row of the table names it
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU {feats.get('model', '?')} ({', '.join(feats['flags']) or 'no AVX2'}), {a.threads} threads"
+        f"CPU {feats.get('model', '?')} (kind {kind}: {', '.join(feats['flags']) or 'no AVX2'}), {a.threads} threads"
     spec = next((v for k, v in SPEC_BF16.items() if k in device), None)
     print(f"device: {device} | measured matmul peak {peak / 1e9:.1f} GFLOP/s"
           + (f" | spec bf16 peak {spec / 1e12:.0f} TFLOP/s (MFU below is against the measured peak)" if spec else ""),
           flush=True)
-    results: dict = {"device": device, "matmul_peak_flops": peak, "threads": a.threads, "runs": {}}
+    results: dict = {"device": device, "cpu_kind": kind, "matmul_peak_flops": peak, "threads": a.threads, "runs": {}}
     for size in a.sizes.split(","):
         model = build_model(size)
         runs: dict[str, list[dict]] = {s: [] for s in stacks}
@@ -512,7 +516,9 @@ def summarize(results: dict) -> dict:
 
     peak = results["matmul_peak_flops"]
     out = {}
-    print("\nsize  | stack         | dtype    | useful tok/s | peak GiB | MFU*   | vs peft | vs Trainer | peak vs peft")
+    kind = results.get("cpu_kind", "?")
+    print("\nkind        | size  | stack         | dtype    | useful tok/s | peak GiB | MFU*   | vs peft | vs Trainer | "
+          "peak vs peft")
     for size, runs in results["runs"].items():
         med = {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in runs.items()}
         mem = {s: statistics.median(r["peak_gb"] for r in rs) for s, rs in runs.items()}
@@ -524,7 +530,8 @@ def summarize(results: dict) -> dict:
             row[s] = {"tokens_per_s": med[s], "peak_gb": mem[s], "mfu": mfu, "dtype": runs[s][0].get("dtype"),
                       "vs_peft": med[s] / med.get("peft", nan), "vs_trainer": med[s] / med.get("trainer", nan),
                       "peak_vs_peft": mem[s] / mem.get("peft", nan), "peak_vs_trainer": mem[s] / mem.get("trainer", nan)}
-            print(f"{size:<5} | {s:<13} | {row[s]['dtype'] or '?':<8} | {med[s]:12.1f} | {mem[s]:8.3f} | {mfu:6.1%} | "
+            print(f"{kind:<11} | {size:<5} | {s:<13} | {row[s]['dtype'] or '?':<8} | {med[s]:12.1f} | {mem[s]:8.3f} | "
+                  f"{mfu:6.1%} | "
                   f"{row[s]['vs_peft']:7.2f} | "
                   f"{row[s]['vs_trainer']:10.2f} | {row[s]['peak_vs_peft']:.2f} (vs Trainer "
                   f"{row[s]['peak_vs_trainer']:.2f})")

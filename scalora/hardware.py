@@ -1,12 +1,18 @@
 """What the hardware runs fast: the CPU's features and the compute dtype `model.dtype: auto` resolves to.
 
-On GPUs: bf16 where the GPU has it, else fp16. On CPUs the choice rests on bench/dtype.py (BENCHMARKS.md, section
-"Compute dtype"), measured on a 2-core Intel Xeon with AMX: a 2048 x 2048 bf16 matmul ran 6.2-6.5x faster than fp32
-(2.2x with AVX512-BF16 alone, about 25x slower on AVX2-only CPUs, STACK.md), but a whole QLoRA step only gained where
-the matmuls are large enough to outweigh bf16's casts and the size-independent work (dropout masks above all):
-bf16 / fp32 tokens/s 0.88 at hidden size 256, 1.18 at 512, 1.21 at 768. So `auto` is bf16 on CPUs with AMX for
-models of hidden size >= 512, fp32 otherwise. A CPU-feature rule, not a timing at start-up: every start of a run on
-the same machine makes the same choice, so a resumed run keeps its dtype.
+On GPUs: bf16 where the GPU has it, else fp16. On CPUs a fixed rule per CPU kind and model size, resting on whole
+QLoRA steps measured side by side in both dtypes (bench/dtype.py; BENCHMARKS.md section 4), never on a timing at
+start-up: every start of a run on the same machine makes the same choice, and a resumed run keeps the dtype its
+checkpoint was computed in (scalora.train.kept_compute_dtype). The kinds (`cpu_kind`), what was measured on each
+(`MEASURED`) and the rule:
+
+- AMX (Intel Xeon): bf16 from hidden size 512. A 2048 x 2048 bf16 matmul runs 6.2-6.5x fp32, but a step gains only
+  where the matmuls outweigh bf16's casts and the size-independent work.
+- AVX512-BF16 without AMX on AMD EPYC: bf16 from hidden size 576, the one size measured there (1.42x).
+- AVX512-BF16 without AMX on Intel: fp32 (measured only on a Xeon with AMX turned off in oneDNN: bf16 slower).
+- AVX2 without AVX512-BF16: fp32 (bf16 about 25x slower).
+- AVX-512 without AVX512-BF16, no AVX2, or AVX512-BF16 of an unknown vendor: fp32, and the reason says that bf16
+  was never measured on that kind.
 """
 
 from __future__ import annotations
@@ -35,30 +41,65 @@ def _torch_flags() -> set[str]:
 
 
 def cpu_features() -> dict[str, Any]:
-    """{"model": CPU name, "flags": the FEATURES this CPU has}."""
-    model, flags = platform.processor() or platform.machine(), None
+    """{"model": CPU name, "vendor": "GenuineIntel" / "AuthenticAMD" / "" where unknown, "flags": the FEATURES this
+    CPU has}."""
+    model, flags, vendor = platform.processor() or platform.machine(), None, ""
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
         for line in info.splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
+            elif line.startswith("vendor_id") and not vendor:
+                vendor = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and flags is None:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     if flags is None:
         flags = _torch_flags()
-    return {"model": model, "flags": [f for f in FEATURES if f in flags]}
+    return {"model": model, "vendor": vendor, "flags": [f for f in FEATURES if f in flags]}
 
 
-# The smallest hidden size at which a bf16 step was measured faster than fp32 on an AMX CPU (bench/dtype.py).
-BF16_MIN_HIDDEN = 512
+def cpu_kind(features: dict[str, Any]) -> str:
+    """The CPU kind the dtype rule and the benchmarks are keyed by, from the best bf16 / vector feature the CPU has:
+    "amx", "avx512_bf16-amd" / "avx512_bf16-intel" / "avx512_bf16" (vendor unknown), "avx512", "avx2" or
+    "baseline". AVX512-BF16 without AMX is split by vendor: the same instructions ran at other speeds (bf16 / fp32
+    matmul 2.2x on an AMD EPYC, 0.61x on an Intel Xeon with AMX turned off in oneDNN)."""
+    flags = features["flags"]
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512_bf16" in flags:
+        vendor = {"AuthenticAMD": "-amd", "GenuineIntel": "-intel"}.get(features.get("vendor", ""), "")
+        return "avx512_bf16" + vendor
+    for kind, flag in (("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in flags:
+            return kind
+    return "baseline"
+
+
+# Per CPU kind: the smallest hidden size from which `auto` picks bf16 (None: fp32 at every size), and what that rests
+# on: bf16 / fp32 useful tokens/s of whole QLoRA steps (4-bit NF4 base, LoRA r=16 on all linear layers, gradient
+# checkpointing, 2 threads, bench/dtype.py), with the CPU each was measured on. A kind absent here was never
+# measured: fp32, and the reason says so.
+BF16_MIN_HIDDEN = {"amx": 512, "avx512_bf16-amd": 576, "avx512_bf16-intel": None, "avx2": None}
+MEASURED = {
+    "amx": "bf16 / fp32 steps 0.88x at hidden 256, 1.18x at 512, 1.21x at 768 (Intel Xeon with AMX, 2026-11-25)",
+    # only the real model's shape was measured on this kind: smaller models stay on fp32 until measured
+    "avx512_bf16-amd": "bf16 / fp32 steps 1.42x on SmolLM2-135M, hidden 576 (AMD EPYC with AVX512-BF16, no AMX, "
+                       "2026-12-02); smaller hidden sizes not measured on this kind",
+    "avx512_bf16-intel": "bf16 / fp32 steps 0.46x at hidden 256, 0.63x at 512, 0.72x at 576 (an Intel Xeon with AMX "
+                         "turned off in oneDNN, ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, standing in for this kind, "
+                         "2026-12-02)",
+    "avx2": "bf16 steps about 25x slower than fp32 (AMD EPYC with AVX2 only, 2026-11-23): no bf16 arithmetic in "
+            "hardware",
+}
 
 
 def fast_cpu_bf16(features: dict[str, Any], hidden_size: Optional[int]) -> bool:
-    """Whether a bf16 QLoRA step beats fp32 on this CPU: measured so only with AMX, and from hidden size 512."""
-    return "amx_bf16" in features["flags"] and (hidden_size or 0) >= BF16_MIN_HIDDEN
+    """Whether a bf16 QLoRA step was measured faster than fp32 on this CPU's kind at this hidden size."""
+    threshold = BF16_MIN_HIDDEN.get(cpu_kind(features))
+    return threshold is not None and (hidden_size or 0) >= threshold
 
 
 def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.dtype, str]:
@@ -72,13 +113,18 @@ def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.d
             return torch.bfloat16, f"auto: {gpu} has bf16"
         return torch.float16, f"auto: {gpu} has no bf16"
     feats = cpu_features()
-    have = ", ".join(feats["flags"]) or "no AVX2"
+    kind = cpu_kind(feats)
+    cpu = f"CPU of kind {kind} ({', '.join(feats['flags']) or 'no AVX2'})"
+    if kind not in MEASURED:
+        return torch.float32, f"auto: {cpu}: bf16 not measured on this CPU kind, so fp32"
+    threshold = BF16_MIN_HIDDEN[kind]
+    if threshold is None:
+        return torch.float32, f"auto: {cpu}: fp32, as measured: {MEASURED[kind]}"
     if fast_cpu_bf16(feats, hidden_size):
-        return torch.bfloat16, f"auto: CPU with AMX ({have}), hidden size {hidden_size} >= {BF16_MIN_HIDDEN}"
-    if "amx_bf16" in feats["flags"]:
-        return torch.float32, (f"auto: CPU with AMX ({have}) but hidden size {hidden_size} < {BF16_MIN_HIDDEN}, "
-                               "where fp32 steps were measured faster")
-    return torch.float32, f"auto: CPU without AMX ({have}), where fp32 steps were measured faster than bf16"
+        return torch.bfloat16, f"auto: {cpu}, hidden size {hidden_size} >= {threshold}: bf16, measured faster: " \
+                               f"{MEASURED[kind]}"
+    return torch.float32, (f"auto: {cpu}, hidden size {hidden_size} < {threshold}: fp32, bf16 measured faster only "
+                           f"from {threshold}: {MEASURED[kind]}")
 
 
 # torch's bf16 matmuls on CPUs go through oneDNN, and two caches keep what each matmul shape built, 1,024 shapes

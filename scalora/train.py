@@ -97,19 +97,33 @@ class Run:
     info: dict[str, Any] = field(default_factory=dict)  # what only the summary needs
 
 
+def kept_compute_dtype(cfg: RunConfig, path: str, resume_from: Optional[str]) -> tuple[torch.dtype, str]:
+    """`run_compute_dtype`, except that a run resumed with model.dtype auto keeps the dtype its checkpoint was
+    computed in (auto's rule depends on the CPU kind, and a run moved to a machine of another kind would otherwise
+    switch dtype halfway)."""
+    dtype, why = run_compute_dtype(cfg, path)
+    if resume_from is None or cfg.model.dtype != "auto":
+        return dtype, why
+    kept = checkpoint.read_state(resume_from).get("compute_dtype")
+    if kept is None or getattr(torch, kept) == dtype:
+        return dtype, why
+    return getattr(torch, kept), (f"auto: kept from {os.path.basename(resume_from)}, computed in {kept} (on this "
+                                  f"machine auto alone would pick {str(dtype).removeprefix('torch.')}: {why})")
+
+
 def setup(cfg: RunConfig) -> Run:
     """Everything before the first step: processes, model, data, optimizer, the run folder, the resume point."""
     threads = dist.configure_threads(cfg.dist.threads_per_process)
     out = cfg.train.output_dir
     path = resolve_model_path(cfg.model.name_or_path)
-    dtype, dtype_why = dist.launcher_precision(cfg.model.dtype, *run_compute_dtype(cfg, path))
+    resume_from, clear_old = checkpoint.prepare_output_dir(cfg, out)
+    dtype, dtype_why = dist.launcher_precision(cfg.model.dtype, *kept_compute_dtype(cfg, path, resume_from))
     tracker_name = choose_tracker(cfg)
     os.makedirs(out, exist_ok=True)
     accelerator = dist.make_accelerator(cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                         dist.mixed_precision(dtype), tracker_name, out)
     dist.check_topology(accelerator, cfg, prequantized_storage(cfg, path), dtype)
     stopper = dist.StopSignal()
-    resume_from, clear_old = checkpoint.prepare_output_dir(cfg, out)
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
@@ -285,7 +299,8 @@ def _validate(run: Run, step: int) -> dict[str, float]:
 
 
 def _save(run: Run, step: int, tokens: int, step_eval: dict[str, float]) -> str:
-    state = {"run_id": run.run_id, "tokens": tokens, "eval_loss": step_eval.get("eval/loss")}
+    state = {"run_id": run.run_id, "tokens": tokens, "eval_loss": step_eval.get("eval/loss"),
+             "compute_dtype": run.info["dtype"]}
     t = run.cfg.train
     return checkpoint.save(run.accelerator, run.model, run.optimizer, step, state, run.config_yaml, t.output_dir,
                            t.save_total_limit, t.keep_best)

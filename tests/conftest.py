@@ -102,16 +102,23 @@ def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=g)
 
 
-def assert_lora_parity(ours, theirs, ids: torch.Tensor, atol: float, grad_rtol: float) -> None:
-    """scalora's and peft's models: the same parameter names and trainable set, logits within atol, and every LoRA
-    gradient non-zero and within (grad_rtol, atol) of peft's, on the token batch `ids`."""
+def assert_lora_parity(ours, theirs, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+    """scalora's and peft's models: the same parameter names and trainable set, logits and every LoRA gradient
+    (non-zero) equal to rounding (`tolerance.logits_rtol`, forward and backward), on the token batch `ids`; the
+    logits without the adapter (what a LoRA layer that lost its term would give) lie far outside that tolerance."""
+    from tolerance import assert_rounding_close, logits_rtol
+
     names = [n for n, _ in ours.named_parameters()]
     assert names == [n for n, _ in theirs.named_parameters()]
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == \
         [n for n, p in theirs.named_parameters() if p.requires_grad]
+    with torch.no_grad(), theirs.disable_adapter():
+        bare = theirs(input_ids=ids).logits
     out_o = ours(input_ids=ids, labels=ids)
     out_t = theirs(input_ids=ids, labels=ids)
-    torch.testing.assert_close(out_o.logits, out_t.logits, rtol=0, atol=atol)
+    rtol, grad_rtol = logits_rtol(ours.get_base_model(), dtype=dtype), \
+        logits_rtol(ours.get_base_model(), backward=True, dtype=dtype)
+    assert_rounding_close(out_o.logits, out_t.logits, rtol, wrong=bare, what="logits")
     out_o.loss.backward()
     out_t.loss.backward()
     grads_t = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
@@ -119,6 +126,13 @@ def assert_lora_parity(ours, theirs, ids: torch.Tensor, atol: float, grad_rtol: 
     for n, p in ours.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, n
-            torch.testing.assert_close(p.grad, grads_t[n], rtol=grad_rtol, atol=atol)
+            assert_rounding_close(p.grad, grads_t[n], grad_rtol, what=n)
             checked += 1
     assert checked > 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """SCALORA_TOLERANCE_REPORT=FILE: every rounding comparison of the run, with its tolerance (tests/tolerance.py)."""
+    from tolerance import write_report
+
+    write_report()

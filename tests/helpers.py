@@ -53,11 +53,6 @@ def adapter(out) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(out, "final", "adapter_model.safetensors"))
 
 
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
 def losses(out) -> dict[int, float]:
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -80,3 +75,51 @@ def tree_digest(root) -> dict[str, str]:
             p = os.path.join(d, n)
             out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
+
+
+def adapted_logits(base: str, adapter_dir, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the fp32 base + an adapter folder, through scalora's PeftModel (peft's API)."""
+    from transformers import AutoModelForCausalLM
+
+    import scalora
+
+    model = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter_dir))
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def assert_runs_agree(env, out, ref, dtype: str = "float32") -> None:
+    """Two runs of configs/tiny.yaml that differ by rounding alone (another process count or topology, a restart):
+    the same per-step losses and the same trained model, to the bounds of tests/tolerance.py. The adapters are
+    compared by what they do (the base's logits with each; Adam moves elements whose gradient is within rounding of
+    zero a long way, and those change the outputs only to second order); the reference's earliest checkpoint (a run
+    short of one or more steps) lies far outside. bf16 compute: bf16's rounding instead of fp32's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tolerance import (UNIT_ROUNDOFF, assert_losses_close, assert_rounding_close, bf16_loss_rtol, logits_rtol,
+                           rel_diff)
+
+    config = AutoConfig.from_pretrained(env["base"])
+    got, want = losses(out), losses(ref)
+    steps = len(want)
+    if dtype == "float32":
+        from scalora import checkpoint
+
+        assert_losses_close(got, want, config)
+        # the reference's earliest surviving checkpoint: a run short of one or more steps
+        grad_rtol, wrong_step = logits_rtol(config, backward=True), checkpoint.checkpoints(str(ref))[0][1]
+    else:  # bf16 gradients: one rounding (u) per stage of the backward, adding in quadrature
+        for k, step in enumerate(want):
+            assert_rounding_close(torch.tensor([got[step]]), torch.tensor([want[step]]), bf16_loss_rtol(k + 1),
+                                  what=f"bf16 losses step {step}")
+        u = UNIT_ROUNDOFF[torch.bfloat16]
+        grad_rtol, wrong_step = u * (2 * (8 * config.num_hidden_layers + 2)) ** 0.5, None
+    assert list(got) == list(want) and want[max(want)] < want[min(want)] - 1  # it learned
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bare = AutoModelForCausalLM.from_pretrained(env["base"]).eval()(input_ids=ids).logits
+    expected = adapted_logits(env["base"], os.path.join(ref, "final"), ids)
+    rtol = logits_rtol(config) + steps * grad_rtol * rel_diff(bare, expected)
+    wrong = adapted_logits(env["base"], os.path.join(wrong_step, "adapter"), ids) if wrong_step else None
+    assert_rounding_close(adapted_logits(env["base"], os.path.join(out, "final"), ids), expected, rtol, wrong=wrong,
+                          what="adapted logits (wrong: the reference's earliest checkpoint)")

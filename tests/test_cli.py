@@ -14,6 +14,7 @@ import scalora
 from scalora.core import quant
 
 from helpers import FAST, run
+from tolerance import assert_rounding_close, logits_rtol
 
 pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
 
@@ -63,8 +64,8 @@ def test_adapter_loads_in_peft_with_the_same_logits(trained, env):
     ours = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
     base = AutoModelForCausalLM.from_pretrained(env["base"])
-    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=1e-5)
-    assert (_logits(ours, ids) - _logits(base, ids)).abs().max() > 1e-3
+    assert_rounding_close(_logits(ours, ids), _logits(theirs, ids), logits_rtol(base), wrong=_logits(base, ids),
+                          what="logits (wrong: the base alone)")
 
 
 def _as_trained(env, adapter):
@@ -87,15 +88,22 @@ def test_merge_gives_the_trained_model(trained, env):
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert not any(isinstance(m, scalora.LoraLayer) for m in merged.modules())
     assert getattr(merged.config, "quantization_config", None) is None
-    # fp32 rounding of (W + s B A) x against W x + s B (A x): up to 1.3e-5 measured; a wrong merge is off by > 1e-3
-    torch.testing.assert_close(_logits(merged, ids), _logits(_as_trained(env, out / "final"), ids), rtol=0,
-                               atol=5e-5)
+    # (W + s B A) x against W x + s B (A x): the same sums in another order; a merge without the scale (B A added
+    # once) lies far outside
+    as_trained = _as_trained(env, out / "final")
+    rtol = logits_rtol(merged)
+    with as_trained.disable_adapter():
+        bare = _logits(as_trained, ids)
+    adapted = _logits(as_trained, ids)
+    scaling = as_trained.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    unscaled = bare + (adapted - bare) / scaling  # to first order: what a merge of B A without the scale gives
+    assert_rounding_close(_logits(merged, ids), adapted, rtol, wrong=unscaled, what="merged as trained")
     full_dir = env["root"] / "merged-full"
     run(env, "merge", str(out / "final"), "--out", str(full_dir), "--full-precision")
     ref = scalora.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["base"]), str(out / "final"))
     full = _logits(AutoModelForCausalLM.from_pretrained(full_dir), ids)
-    torch.testing.assert_close(full, _logits(ref, ids), rtol=0, atol=1e-5)
-    assert (full - _logits(merged, ids)).abs().max() > 1e-3  # the two paths do differ: 4-bit rounding
+    # the two paths do differ: the 4-bit merge is far outside the full-precision one's tolerance
+    assert_rounding_close(full, _logits(ref, ids), rtol, wrong=_logits(merged, ids), what="merged in full precision")
 
 
 def test_generate(trained, env):

@@ -21,7 +21,7 @@ import torch
 
 from scalora import checkpoint
 
-from helpers import DIST, adapter, launch_cmd, losses, max_diff, run, train_args, tree_digest
+from helpers import DIST, adapter, assert_runs_agree, launch_cmd, losses, run, train_args, tree_digest
 
 pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
 
@@ -167,8 +167,7 @@ def test_a_dead_rank_is_restarted_and_the_job_resumes(env, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     assert marker.exists() and "resuming from" in p.stdout and "step-000003" in p.stdout
     assert time.time() - t0 < 300
-    assert max_diff(adapter(out), adapter(ref)) < 1e-4
-    assert losses(out) == pytest.approx(losses(ref), rel=1e-5)
+    assert_runs_agree(env, out, ref)
 
 
 def test_a_dead_rank_without_restarts_fails_promptly(env):
@@ -237,7 +236,7 @@ def test_checkpoint_from_a_different_config_is_refused(env, reference, tmp_path)
 def test_unreachable_wandb_trains_on_offline_with_one_warning(env):
     out = env["root"] / "faults-wandb"
     e = {**env, "env": dict(env["env"], WANDB_API_KEY="local-" + "0" * 40, WANDB_BASE_URL="http://127.0.0.1:9",
-                            WANDB_INIT_TIMEOUT="10")}
+                            WANDB_INIT_TIMEOUT="4")}  # nothing listens on port 9: refused at once
     p = run(e, *train_args(out, "train.max_steps=2", "log.report_to=wandb", "log.wandb_mode=online"), timeout=300)
     assert p.stderr.count("UserWarning: the wandb tracker could not start") == 1, p.stderr[-2000:]
     assert len(losses(out)) == 2 and (out / "final/adapter_model.safetensors").exists()

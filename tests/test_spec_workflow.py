@@ -3,10 +3,13 @@
 import io
 from contextlib import redirect_stdout
 
+import pytest
 import torch
 from torch import nn
 
 from scalora import LoraConfig, PeftType, get_peft_model
+
+pytestmark = pytest.mark.numerics  # reruns under lower instruction sets: tests/test_isa_levels.py
 
 
 class BaseModel(nn.Module):
@@ -46,7 +49,8 @@ def test_spec_section_1_exact_parameters():
     assert a.abs().max() <= 2 ** -0.5
     lora_model.eval()
     x = torch.randn(3, 2)
-    torch.testing.assert_close(lora_model(x), x @ base_w.T + base_b, rtol=0, atol=0)
+    # lora_B is zero: exactly the base layer's own computation (the same kernel, so the same bits on any CPU)
+    torch.testing.assert_close(lora_model(x), torch.nn.functional.linear(x, base_w, base_b), rtol=0, atol=0)
 
 
 def test_spec_init_matches_peft_for_the_same_seed():
