@@ -36,12 +36,11 @@ LEVELS = [
 EXPECTED_ATEN = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512"}
 
 
-def own_rank() -> int:
-    flags = hardware.cpu_features()["flags"]
-    for rank, flag in ((3, "amx_bf16"), (2, "avx512_bf16"), (1, "avx2")):
-        if flag in flags:
-            return rank
-    return 0
+def own_rank() -> float:
+    """Where this CPU's kind (scalora.hardware.cpu_kind) stands among the levels: AVX-512 without bf16 sits between
+    AVX2 and AVX512-BF16 (its oneDNN cannot run the bf16 level's code)."""
+    kind = hardware.cpu_kind(hardware.cpu_features())
+    return {"amx": 3, "avx512": 1.5, "avx2": 1, "baseline": 0}.get(kind, 2)  # 2: avx512_bf16 of either vendor
 
 
 # What the process really dispatches to: ATen's level, and the ISA oneDNN reports when it builds a bf16 matmul.
