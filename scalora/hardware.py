@@ -96,12 +96,6 @@ MEASURED = {
 }
 
 
-def fast_cpu_bf16(features: dict[str, Any], hidden_size: Optional[int]) -> bool:
-    """Whether a bf16 QLoRA step was measured faster than fp32 on this CPU's kind at this hidden size."""
-    threshold = BF16_MIN_HIDDEN.get(cpu_kind(features))
-    return threshold is not None and (hidden_size or 0) >= threshold
-
-
 def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.dtype, str]:
     """(dtype, why) for `model.dtype`: the named one, or for "auto" what the hardware runs fast for a model of this
     hidden size (None: unknown, taken as small)."""
@@ -120,7 +114,7 @@ def compute_dtype(name: str, hidden_size: Optional[int] = None) -> tuple[torch.d
     threshold = BF16_MIN_HIDDEN[kind]
     if threshold is None:
         return torch.float32, f"auto: {cpu}: fp32, as measured: {MEASURED[kind]}"
-    if fast_cpu_bf16(feats, hidden_size):
+    if (hidden_size or 0) >= threshold:  # measured faster in bf16 from this size on
         return torch.bfloat16, f"auto: {cpu}, hidden size {hidden_size} >= {threshold}: bf16, measured faster: " \
                                f"{MEASURED[kind]}"
     return torch.float32, (f"auto: {cpu}, hidden size {hidden_size} < {threshold}: fp32, bf16 measured faster only "

@@ -102,7 +102,7 @@ def tokens(batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=g)
 
 
-def assert_lora_parity(ours, theirs, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+def assert_lora_parity(ours, theirs, ids: torch.Tensor) -> None:
     """scalora's and peft's models: the same parameter names and trainable set, logits and every LoRA gradient
     (non-zero) equal to rounding (`tolerance.logits_rtol`, forward and backward), on the token batch `ids`; the
     logits without the adapter (what a LoRA layer that lost its term would give) lie far outside that tolerance."""
@@ -116,8 +116,7 @@ def assert_lora_parity(ours, theirs, ids: torch.Tensor, dtype: torch.dtype = tor
         bare = theirs(input_ids=ids).logits
     out_o = ours(input_ids=ids, labels=ids)
     out_t = theirs(input_ids=ids, labels=ids)
-    rtol, grad_rtol = logits_rtol(ours.get_base_model(), dtype=dtype), \
-        logits_rtol(ours.get_base_model(), backward=True, dtype=dtype)
+    rtol, grad_rtol = logits_rtol(ours.get_base_model()), logits_rtol(ours.get_base_model(), backward=True)
     assert_rounding_close(out_o.logits, out_t.logits, rtol, wrong=bare, what="logits")
     out_o.loss.backward()
     out_t.loss.backward()

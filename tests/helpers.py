@@ -96,8 +96,8 @@ def assert_runs_agree(env, out, ref, dtype: str = "float32") -> None:
     short of one or more steps) lies far outside. bf16 compute: bf16's rounding instead of fp32's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tolerance import (UNIT_ROUNDOFF, assert_losses_close, assert_rounding_close, bf16_loss_rtol, logits_rtol,
-                           rel_diff)
+    from tolerance import (UNIT_ROUNDOFF, assert_losses_close, assert_rounding_close, bf16_loss_rtol, model_shape,
+                           rel_diff, trained_rtol)
 
     config = AutoConfig.from_pretrained(env["base"])
     got, want = losses(out), losses(ref)
@@ -107,19 +107,19 @@ def assert_runs_agree(env, out, ref, dtype: str = "float32") -> None:
 
         assert_losses_close(got, want, config)
         # the reference's earliest surviving checkpoint: a run short of one or more steps
-        grad_rtol, wrong_step = logits_rtol(config, backward=True), checkpoint.checkpoints(str(ref))[0][1]
+        grad_rtol, wrong_step = None, checkpoint.checkpoints(str(ref))[0][1]  # fp32 rounding: trained_rtol's default
     else:  # bf16 gradients: one rounding (u) per stage of the backward, adding in quadrature
         for k, step in enumerate(want):
             assert_rounding_close(torch.tensor([got[step]]), torch.tensor([want[step]]), bf16_loss_rtol(k + 1),
                                   what=f"bf16 losses step {step}")
         u = UNIT_ROUNDOFF[torch.bfloat16]
-        grad_rtol, wrong_step = u * (2 * (8 * config.num_hidden_layers + 2)) ** 0.5, None
+        grad_rtol, wrong_step = u * (2 * model_shape(config)[1]) ** 0.5, None
     assert list(got) == list(want) and want[max(want)] < want[min(want)] - 1  # it learned
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         bare = AutoModelForCausalLM.from_pretrained(env["base"]).eval()(input_ids=ids).logits
     expected = adapted_logits(env["base"], os.path.join(ref, "final"), ids)
-    rtol = logits_rtol(config) + steps * grad_rtol * rel_diff(bare, expected)
+    rtol = trained_rtol(config, steps, rel_diff(bare, expected), grad_rtol)
     wrong = adapted_logits(env["base"], os.path.join(wrong_step, "adapter"), ids) if wrong_step else None
     assert_rounding_close(adapted_logits(env["base"], os.path.join(out, "final"), ids), expected, rtol, wrong=wrong,
                           what="adapted logits (wrong: the reference's earliest checkpoint)")

@@ -5,7 +5,8 @@ import torch
 
 import scalora
 from conftest import load_quantized, tiny_model, tokens
-from tolerance import assert_losses_close, assert_rounding_close, logits_rtol, operand_rtol, rel_diff, trained_rtol
+from tolerance import (assert_losses_close, assert_rounding_close, logits_rtol, model_shape, operand_rtol, rel_diff,
+                       trained_rtol)
 
 
 def _train(model, steps=40, lr=1e-2):
@@ -252,7 +253,7 @@ def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatc
         # every stage of the model may be summed (fp32) or rounded (bf16 autocast) differently; the backward too.
         # The adapters move the logits far beyond the tolerance.
         config = model.get_base_model().config
-        depth = 8 * config.num_hidden_layers + 2
+        depth = model_shape(config)[1]
         rtol, grad_rtol = (operand_rtol(depth), operand_rtol(2 * depth)) if autocast else \
             (logits_rtol(config), logits_rtol(config, backward=True))
         assert_rounding_close(logits, ref, rtol, wrong=bare.float(), what=f"logits {train=} {autocast=}")

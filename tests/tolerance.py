@@ -68,13 +68,15 @@ def loss_rtol(model) -> float:
     return rounding_rtol(max(n, vocab), depth + 1)
 
 
-def trained_rtol(model, steps: int, moved: float) -> float:
-    """How far a quantity may drift after `steps` optimizer steps whose gradients agree to rounding
-    (`logits_rtol(backward=True)`), where the training moved it by `moved` (relative to its size): the forward's
-    rounding, plus each step's update off by the gradients' relative error, to first order in the quantity (an
-    element Adam moves a long way because its gradient is within rounding of zero changes the outputs only to
+def trained_rtol(model, steps: int, moved: float, grad_rtol: Optional[float] = None) -> float:
+    """How far a model's logits may drift after `steps` optimizer steps whose gradients agree to `grad_rtol`
+    (default: fp32 rounding, `logits_rtol(backward=True)`), where the training moved them by `moved` (relative to
+    their size): the forward's rounding, plus each step's update off by the gradients' relative error, to first order
+    (an element Adam moves a long way because its gradient is within rounding of zero changes the outputs only to
     second order: their gradient is zero)."""
-    return logits_rtol(model) + steps * logits_rtol(model, backward=True) * moved
+    if grad_rtol is None:
+        grad_rtol = logits_rtol(model, backward=True)
+    return logits_rtol(model) + steps * grad_rtol * moved
 
 
 def assert_losses_close(got: dict, ref: dict, model, what: str = "losses") -> None:
@@ -122,27 +124,32 @@ def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale
 
 
+def _record(what: str, rtol: float, measured: Optional[float], wrong: Optional[float]) -> None:
+    _RECORDS.append({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "what": what, "rtol": rtol,
+                     "measured": measured, "wrong": wrong})
+
+
 def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, *,
                           wrong: Optional[torch.Tensor] = None, what: str = "") -> float:
     """||actual - expected|| <= rtol * ||expected||; with `wrong` (what a broken feature gives, e.g. the merge
     without its scaling), also ||wrong - expected|| >= MARGIN * rtol * ||expected||. Returns the measured ratio."""
     measured = rel_diff(actual, expected)
-    far = rel_diff(wrong, expected) if wrong is not None else None
-    _RECORDS.append({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "what": what, "rtol": rtol,
-                     "measured": measured, "wrong": far})
+    if wrong is None:
+        _record(what, rtol, measured, None)
     assert measured <= rtol, f"{what}: relative difference {measured:.3g} > tolerance {rtol:.3g}"
     if wrong is not None:
-        assert far >= MARGIN * rtol, (f"{what}: the wrong result is only {far:.3g} away, within {MARGIN:g}x the "
-                                      f"tolerance {rtol:.3g}: the test could not tell it from rounding")
+        assert_wrong_is_far(wrong, expected, rtol, what, measured=measured)
     return measured
 
 
-def assert_wrong_is_far(wrong: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> float:
-    """What a broken feature gives lies at least MARGIN tolerances from the expected result."""
+def assert_wrong_is_far(wrong: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "",
+                        measured: Optional[float] = None) -> float:
+    """What a broken feature gives lies at least MARGIN tolerances from the expected result (`measured`: the right
+    result's difference, for the report)."""
     far = rel_diff(wrong, expected)
-    _RECORDS.append({"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "what": what, "rtol": rtol,
-                     "measured": None, "wrong": far})
-    assert far >= MARGIN * rtol, f"{what}: the wrong result is only {far:.3g} away (tolerance {rtol:.3g})"
+    _record(what, rtol, measured, far)
+    assert far >= MARGIN * rtol, (f"{what}: the wrong result is only {far:.3g} away, within {MARGIN:g}x the "
+                                  f"tolerance {rtol:.3g}: the test could not tell it from rounding")
     return far
 
 
