@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
-from typing import Optional
+import threading
+from typing import NoReturn, Optional
 
 if __name__ == "__main__" and not __package__:  # run as a file: `accelerate launch scalora/cli.py train ...`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -289,5 +291,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         return known[1]
 
 
+def run(argv: Optional[list[str]] = None) -> NoReturn:
+    """The `scalora` command: `main`, then the process ends without tearing the interpreter down.
+
+    Python's teardown frees every module and object one by one; with torch, transformers and torch.compile's modules
+    loaded that took 0.8 s after every command (measured: `import scalora.cli` then exit, 3.97 s against 3.19 s with
+    this exit, Intel Xeon amx_bf16), paid again by each process of a launched run. Nothing is skipped that keeps data:
+    every file scalora writes is closed before `main` returns, and what a normal exit runs first (joining the
+    threads that are not daemons, then the atexit handlers: wandb's finish, logging's flush, multiprocessing's
+    children) runs here too, then the standard streams are flushed."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    me = threading.current_thread()
+    for t in threading.enumerate():
+        if t is not me and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
