@@ -28,6 +28,17 @@ def env(tmp_path_factory):
     return {"env": e, "base": base, "root": tmp_path_factory.mktemp("runs")}
 
 
+@pytest.fixture(scope="session")
+def dist_reference(env):
+    """One process training configs/tiny.yaml with the multi-process tests' settings (tests/helpers.py's DIST):
+    the run every 2-process run must reproduce (tests/test_dist.py, tests/test_faults.py)."""
+    from helpers import DIST, run
+
+    out = env["root"] / "dist-single"
+    run(env, "train", "configs/tiny.yaml", *DIST, f"train.output_dir={out}")
+    return out
+
+
 def tiny_config(arch: str):
     """A few-thousand-parameter transformers config of a real architecture."""
     import transformers as tf
