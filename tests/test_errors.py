@@ -208,6 +208,18 @@ def _scalora(env, *args, cwd=None, extra_env=None):
                           timeout=600, cwd=cwd)
 
 
+def test_bad_input_never_damages_a_finished_run(cli_in_process, tmp_path):
+    """train.overwrite=true with a bad data file, model or target: the error comes before the old run is touched
+    (cli_in_process fails if the folder changed)."""
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"text": "fine"}\n{"text": broken\n')
+    for override, message in [(f"data.train_file={bad_data}", "line 2"),
+                              ("model.name_or_path=/no/such/model", "could not be loaded"),
+                              ("lora.target_modules=[nothing_matches]", "nothing_matches")]:
+        status, err = cli_in_process(override)
+        assert status == 2 and message in err, (override, err[-1500:])
+
+
 def test_errors_in_launched_processes(env, tmp_path):
     """A batch that does not divide across dist.num_processes is refused before any process starts; an error only a
     worker can see (no example survives tokenizing) reaches the user once, with the rank, and no traceback."""
@@ -287,13 +299,29 @@ def test_adapter_config_with_unknown_fields_loads_with_a_warning(adapter, tmp_pa
     assert cfg.r == c["r"] and any("future_option" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("damage", ["another format", "all damaged", "another run"])
+@pytest.mark.parametrize("damage", ["another format", "all damaged", "another run", "copied in"])
 def test_checkpoints_that_cannot_resume_are_refused(scalora_here, finished, tmp_path, damage):
     """Resuming from a checkpoint of another format, or when every checkpoint is damaged, is refused (starting again
-    from step 0 would throw the run's history away); a checkpoint of another run is refused too."""
+    from step 0 would throw the run's history away); a run folder of another config is refused, and so is a
+    checkpoint copied in from another run (its own config differs; complete and consistent, not silently loaded)."""
+    import hashlib
+
+    import yaml
+
+    from scalora import checkpoint
+
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     shutil.rmtree(out / "final")
+    if damage == "copied in":
+        ckpt = out / "checkpoints/step-000002"
+        cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+        cfg["lora"]["lora_alpha"] = 7.0
+        (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+        manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+        manifest["files"]["config.yaml"] = {"size": (ckpt / "config.yaml").stat().st_size,
+                                            "sha256": hashlib.sha256((ckpt / "config.yaml").read_bytes()).hexdigest()}
+        (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     for ckpt in sorted((out / "checkpoints").iterdir()):
         manifest = json.loads((ckpt / "manifest.json").read_text())
         if damage == "another format":
@@ -302,7 +330,7 @@ def test_checkpoints_that_cannot_resume_are_refused(scalora_here, finished, tmp_
         elif damage == "all damaged":
             (ckpt / "optimizer.safetensors").write_bytes(os.urandom(64))
     expected = {"another format": ("format 99", "expected 1"), "all damaged": ("every checkpoint",),
-                "another run": ("different config",)}[damage]
+                "another run": ("different config",), "copied in": ("different config", "step-000002")}[damage]
     extra = ["train.lr=0.5"] if damage == "another run" else []
     before = tree_digest(out)
     args = train_args(out, "train.max_steps=4", "train.save_every=1", *extra)
