@@ -1,4 +1,4 @@
-"""`scalora train | merge | generate | plan | launch-file`."""
+"""`scalora train | merge | export | generate | plan | launch-file`."""
 
 from __future__ import annotations
 
@@ -78,24 +78,45 @@ def _plan(args: argparse.Namespace) -> int:
     return plan.main(args)
 
 
-def _merge(args: argparse.Namespace) -> int:
-    import torch
-
+def _merged(args: argparse.Namespace, dtype):
+    """(the adapter merged into its base, tokenizer, how the base was loaded): `scalora merge` and `export`."""
     from .model import load_as_trained
 
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file; give a folder for the merged model (it is created if missing)")
     model, tokenizer, _, how = load_as_trained(args.adapter, args.base, args.config, args.full_precision,
                                                args.trust_remote_code)
     base = model.get_base_model()
-    dtype = getattr(torch, args.dtype)
     if getattr(base, "hf_quantizer", None) is not None:  # as trained: the de-quantized base weights + the adapter
         base.dequantize(dtype=dtype)
-    merged = model.merge_and_unload().to(dtype)
+    return model.merge_and_unload().to(dtype), tokenizer, how
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import torch
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; give a folder for the merged model (it is created if missing)")
+    merged, tokenizer, how = _merged(args, getattr(torch, args.dtype))
     merged.save_pretrained(args.out)  # safetensors
     tokenizer.save_pretrained(args.out)
     print(f"merged model written to {args.out}: base loaded {how}, {args.dtype} weights "
           "(load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import gguf_export
+
+    if os.path.isdir(args.gguf):
+        raise UserError(f"--gguf {args.gguf} is a folder; give the path of the .gguf file to write")
+    if args.type not in gguf_export.TYPES:
+        raise UserError(f"--type {args.type}: choose one of {', '.join(gguf_export.TYPES)}")
+    merged, tokenizer, how = _merged(args, torch.float32)
+    types = gguf_export.write_gguf(merged, tokenizer, args.gguf, args.type)
+    print(f"GGUF written to {args.gguf}: base loaded {how}, adapter merged, {len(types)} tensors "
+          f"({gguf_export.describe(types)}); run it with llama.cpp (llama-cli -m {args.gguf}) or Ollama (a Modelfile "
+          f"with FROM {os.path.abspath(args.gguf)})")
     return 0
 
 
@@ -162,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the merged weights (default float32)")
     m.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
     m.set_defaults(func=_merge)
+
+    x = sub.add_parser("export", help="merge an adapter into its base and write one GGUF file (llama.cpp, Ollama)",
+                       description="The adapter merged into its base (as trained, like `scalora merge`, or "
+                                   "--full-precision), written as GGUF with llama.cpp's tensor names and metadata, "
+                                   "the tokenizer and chat template included.")
+    x.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    x.add_argument("--gguf", required=True, help="the .gguf file to write")
+    x.add_argument("--type", default="f16", help="f32, f16 (default), bf16 or q8_0: the 2-D weights' type (norms "
+                                                "stay f32)")
+    x.add_argument("--base", help="base model folder or hub id (default: the run's model, or base_model_name_or_path "
+                                  "of the adapter)")
+    x.add_argument("--config", help="the run config the adapter was trained with (default: config.yaml beside it)")
+    x.add_argument("--full-precision", action="store_true",
+                   help="merge into the original full-precision base weights instead of the (de-quantized) base the "
+                        "adapter was trained on")
+    x.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
+    x.set_defaults(func=_export)
 
     pl = sub.add_parser("plan", help="predict the per-device memory of a run, by strategy, before running it",
                         description="Predict a run's memory per device from the model's config.json alone (no "

@@ -1,0 +1,217 @@
+"""A merged model as one GGUF file, for llama.cpp, Ollama and LM Studio (`scalora export ADAPTER --gguf OUT.gguf`).
+
+Written with the `gguf` package (ggml's own Python reader and writer: no compiler, nothing cloned), with the tensor
+names, the Q / K row order and the metadata keys that llama.cpp's converter (convert_hf_to_gguf.py) writes for the
+architecture, so that llama.cpp reads the file as it reads its own. Tensors are converted and written one at a time
+into a file opened beside the target and renamed onto it at the end: no half-written OUT.gguf is ever left.
+
+Supported here (others are refused by name, with what to do):
+- architectures: Llama and Mistral (written as llama.cpp's `llama`), Qwen2 (`qwen2`); no rope scaling;
+- tokenizers: byte-level BPE (GPT-2's, SmolLM's, Llama-3's, Qwen2's pre-tokenizers), what `tokenizer.json` holds;
+- types: f32, f16, bf16 (2-D weights; norms stay f32, as llama.cpp's converter keeps 1-D tensors), q8_0 (2-D weights
+  whose rows are a multiple of its 32-element block; others f16, as llama.cpp's converter falls back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from .core.errors import UserError
+
+# transformers class -> (llama.cpp architecture, whether Q and K rows are permuted as llama.cpp's converter does for
+# its `llama` architecture: rotary halves interleaved; Qwen2's converter leaves them)
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", True),
+    "MistralForCausalLM": ("llama", True),
+    "Qwen2ForCausalLM": ("qwen2", False),
+}
+TYPES = ("f32", "f16", "bf16", "q8_0")
+
+# The pre-tokenizers llama.cpp knows by name (tokenizer.ggml.pre), recognised by their tokenizer.json structure.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(tok_json: dict) -> str:
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        if pattern == _LLAMA3_SPLIT:
+            return "llama-bpe"
+        if pattern == _QWEN2_SPLIT:
+            return "qwen2"
+    raise UserError(f"the tokenizer's pre-tokenizer ({json.dumps(pre)[:300]}) is not one llama.cpp names that scalora "
+                    "knows (GPT-2's, SmolLM's, Llama-3's, Qwen2's byte-level ones): a GGUF file with a guessed one "
+                    "would split text differently in llama.cpp. Export the merged model with `scalora merge` and "
+                    "convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.*: llama.cpp's `gpt2` model (byte-level BPE) as its converter writes it."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok_json = json.loads(backend.to_str()) if backend is not None else {}
+    model = tok_json.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        kind = model.get("type") or type(tokenizer).__name__
+        fallback = " with byte fallback (SentencePiece-style)" if model.get("byte_fallback") else ""
+        raise UserError(f"the tokenizer is {kind}{fallback}: scalora writes GGUF tokenizers for byte-level BPE only (Llama-3, Qwen2, SmolLM, GPT-2 "
+                        "style). Export the merged model with `scalora merge` and convert it with llama.cpp's "
+                        "convert_hf_to_gguf.py")
+    pre = _pre_tokenizer(tok_json)
+    added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    tokens, types = [], []
+    for i in range(vocab_size):  # the embedding's rows; rows past the tokenizer's vocabulary are padding
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL if i not in added else
+                         gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    ids = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's row order for Q and K (convert_hf_to_gguf.py's LlamaModel.permute): within each head, the two
+    rotary halves interleaved. transformers' GGUF loader undoes it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _qtype(kind: str, shape: tuple[int, ...]):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    if len(shape) == 1 or kind == "f32":
+        return Q.F32
+    if kind == "q8_0" and shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0] != 0:
+        return Q.F16  # llama.cpp's converter's fallback for rows that are not whole blocks
+    return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[kind]
+
+
+def _convert(t: torch.Tensor, qtype) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q, quants
+
+    data = t.detach().to(torch.float32).contiguous().numpy()
+    if qtype == Q.F32:
+        return data
+    if qtype == Q.F16:
+        return data.astype(np.float16)
+    return quants.quantize(data, qtype)  # bf16 and q8_0: bytes, as ggml lays them out
+
+
+def _nbytes(shape: tuple[int, ...], qtype) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape)) // block * size
+
+
+def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", name: str | None = None) -> dict:
+    """Write `model` (a transformers causal LM, e.g. a merged one) and `tokenizer` to `path` as GGUF of type `kind`.
+    Returns {gguf tensor name: GGML type name}."""
+    import gguf
+
+    if kind not in TYPES:
+        raise UserError(f"--type {kind}: choose one of {', '.join(TYPES)}")
+    cls = type(model).__name__
+    if cls not in ARCHITECTURES:
+        raise UserError(f"{cls} cannot be exported to GGUF by scalora (it writes {', '.join(ARCHITECTURES)}); export "
+                        "the merged model with `scalora merge` and convert it with llama.cpp's convert_hf_to_gguf.py")
+    arch, permute = ARCHITECTURES[cls]
+    cfg = model.config
+    if getattr(cfg, "rope_scaling", None) and (cfg.rope_scaling.get("rope_type") or cfg.rope_scaling.get("type")) \
+            not in (None, "default"):
+        raise UserError(f"{cls} with rope scaling {cfg.rope_scaling}: not written by scalora's GGUF export yet; use "
+                        "`scalora merge` and llama.cpp's convert_hf_to_gguf.py")
+    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    state = model.state_dict()
+    plan = []  # (gguf name, hf name, shape, qtype)
+    for key, t in state.items():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp reads a tied head from token_embd
+        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise UserError(f"{key} of {cls} has no GGUF name in llama.cpp's {arch} architecture")
+        shape = tuple(t.shape)
+        plan.append((target, key, shape, _qtype(kind, shape)))
+
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".scalora-", suffix=".gguf.partial", dir=d)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(name or getattr(cfg, "_name_or_path", "") or cls)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(head_dim)
+        _tokenizer_metadata(w, tokenizer, cfg.vocab_size)
+        for target, _, shape, qtype in plan:
+            w.add_tensor_info(target, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for target, key, shape, qtype in plan:  # one tensor converted at a time
+            t = state[key]
+            if permute and key.endswith("q_proj.weight"):
+                t = _permute(t, n_head)
+            elif permute and key.endswith("k_proj.weight"):
+                t = _permute(t, n_kv)
+            w.write_tensor_data(_convert(t, qtype))
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return {target: qtype.name for target, _, _, qtype in plan}
+
+
+def describe(types: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for t in types.values():
+        counts[t] = counts.get(t, 0) + 1
+    return ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+

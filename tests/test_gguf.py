@@ -1,0 +1,254 @@
+"""GGUF export (`scalora export --gguf`, scalora/gguf_export.py), read back by a reader scalora did not write:
+transformers' own GGUF loader (`from_pretrained(folder, gguf_file=...)`, which de-quantizes to fp32).
+
+Tiny models with a byte-level BPE tokenizer trained here on the builtin corpus (the builtin model's word-level
+tokenizer has no GGUF form and is refused by name), a random LoRA adapter merged in. For each type the file must give:
+- the logits of the merged model with its weights rounded the way the type rounds them (torch's f16 / bf16
+  round-to-nearest-even, ggml's Q8_0 blocks through the gguf package's reference quantizer), to fp32 rounding
+  (tests/tolerance.py's logits_rtol); the base alone (an export that lost the adapter) lies far outside;
+- against the merged model itself, the type's own bound: f16 / bf16 one rounding (u) of every weight, a stage's
+  rounding per sum in a row, adding in quadrature (operand_rtol); Q8_0 the same with u its rounding's size: steps of
+  max|block| / 127 per 32 weights, errors uniform within a step (rms step / sqrt(12)), relative to the weights' norm;
+- the same token ids for the same text, the chat template, the special tokens; greedy generation the same tokens in
+  f32 and f16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import scalora
+from scalora.core.errors import UserError
+
+from conftest import randomize_lora
+from tolerance import LAMBDA, assert_rounding_close, logits_rtol, model_shape, operand_rtol
+
+gguf = pytest.importorskip("gguf")  # a runtime dependency (pyproject.toml); the skip names it if an install lacks it
+
+TEXTS = ["Instruction: name the topic of this sentence.\nInput: the river flooded the valley",
+         "it is about words, 12345 and  two  spaces"]
+
+
+def _bpe_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from scalora.builtin import CHAT_TEMPLATE, pretraining_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's: llama.cpp's "gpt-2"
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(pretraining_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _merged(arch: str, tokenizer, tied: bool):
+    """A tiny base of `arch` with a random LoRA adapter on every linear layer, merged: (merged, the base alone)."""
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=tied,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(arch, **kw)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # norms away from 1 and biases away from 0, so that misplacing them shows
+        for name, p in base.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    bare = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    bare.load_state_dict(base.state_dict())
+    model = scalora.get_peft_model(base, scalora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    randomize_lora(model)
+    return model.merge_and_unload().eval(), bare
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """{(arch, type): (folder, file name)} plus the merged models and the tokenizer."""
+    from scalora.gguf_export import write_gguf
+
+    tokenizer = _bpe_tokenizer()
+    root = tmp_path_factory.mktemp("gguf")
+    models, files = {}, {}
+    for arch, tied in (("llama", True), ("mistral", False), ("qwen2", False)):
+        models[arch] = _merged(arch, tokenizer, tied)
+        for kind in ("f32", "f16", "bf16", "q8_0"):
+            write_gguf(models[arch][0], tokenizer, str(root / f"{arch}-{kind}.gguf"), kind)
+            files[arch, kind] = (str(root), f"{arch}-{kind}.gguf")
+    return files, models, tokenizer
+
+
+def _read(files, arch, kind):
+    folder, name = files[arch, kind]
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+def _ids(tokenizer):
+    return tokenizer(TEXTS, return_tensors="pt", padding=True)["input_ids"]
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _rounded_like(model, kind):
+    """A copy of `model` whose 2-D weights went through the type's rounding (1-D tensors stay fp32, as exported)."""
+    from gguf import GGMLQuantizationType as Q, quants
+
+    copy = type(model)(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in copy.parameters():
+            if p.dim() < 2 or kind == "f32":
+                continue
+            if kind in ("f16", "bf16"):
+                p.copy_(p.to(getattr(torch, {"f16": "float16", "bf16": "bfloat16"}[kind])).float())
+            else:  # ggml's Q8_0 through the gguf package's reference quantizer and de-quantizer
+                q = quants.quantize(p.numpy(), Q.Q8_0)
+                p.copy_(torch.from_numpy(quants.dequantize(q, Q.Q8_0)).reshape(p.shape))
+    return copy
+
+
+def _q8_0_u(model) -> float:
+    """The relative size of Q8_0's rounding of the 2-D weights (the largest over tensors): each block of 32 rounds
+    to steps of max|block| / 127, the error uniform within a step (rms step / sqrt(12)), relative to the weights'
+    norm. From the weights alone, not from the quantized result."""
+    worst = 0.0
+    for p in model.parameters():
+        if p.dim() < 2:
+            continue
+        blocks = p.detach().double().reshape(-1, 32)
+        step = blocks.abs().amax(dim=1) / 127
+        err = math.sqrt((32 * step.square() / 12).sum().item())
+        worst = max(worst, err / p.detach().double().norm().item())
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
+def test_exported_file_gives_the_merged_models_logits(exported, arch, kind):
+    files, models, tokenizer = exported
+    merged, bare = models[arch]
+    ids = _ids(tokenizer)
+    got = _logits(_read(files, arch, kind), ids)
+    expected = _logits(_rounded_like(merged, kind), ids)
+    # the read-back model is the merged one with the type's rounding applied to it: fp32 rounding apart
+    assert_rounding_close(got, expected, logits_rtol(merged), wrong=_logits(bare, ids),
+                          what=f"{arch} {kind} GGUF against the merged model rounded as {kind} (wrong: the base alone)")
+    if kind != "f32":  # and against the merged model itself, the bound the type implies
+        depth = model_shape(merged)[1]
+        if kind == "q8_0":
+            rtol = LAMBDA * _q8_0_u(merged) * math.sqrt(depth)  # one side rounded
+        else:
+            rtol = operand_rtol(depth, {"f16": torch.float16, "bf16": torch.bfloat16}[kind])
+        assert_rounding_close(got, _logits(merged, ids), rtol, what=f"{arch} {kind} GGUF against the merged model")
+
+
+def test_unpermuted_q_and_k_would_be_caught(exported, tmp_path):
+    """Without llama.cpp's Q / K row order the reader's un-permutation scrambles the rotary halves: the logits move
+    far outside fp32 rounding (so the f32 comparison above shows the order is right)."""
+    from scalora import gguf_export
+
+    files, models, tokenizer = exported
+    merged, _ = models["llama"]
+    ids = _ids(tokenizer)
+    saved = gguf_export.ARCHITECTURES["LlamaForCausalLM"]
+    gguf_export.ARCHITECTURES["LlamaForCausalLM"] = ("llama", False)
+    try:
+        gguf_export.write_gguf(merged, tokenizer, str(tmp_path / "wrong.gguf"), "f32")
+    finally:
+        gguf_export.ARCHITECTURES["LlamaForCausalLM"] = saved
+    wrong = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="wrong.gguf", dtype=torch.float32).eval()
+    right = _logits(_read(files, "llama", "f32"), ids)
+    assert_rounding_close(right, _logits(merged, ids), logits_rtol(merged), wrong=_logits(wrong, ids),
+                          what="llama f32 GGUF (wrong: Q / K rows in transformers' order)")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tokenizer_and_chat_template_come_back(exported, arch):
+    files, _, tokenizer = exported
+    folder, name = files[arch, "f16"]
+    theirs = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    messages = [{"role": "user", "content": "name the topic: the river flooded the valley"}]
+    assert theirs.chat_template == tokenizer.chat_template
+    assert theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (theirs.bos_token, theirs.eos_token, theirs.pad_token) == \
+        (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+
+
+def test_greedy_generation_is_the_same_in_f32_and_f16(exported):
+    files, models, tokenizer = exported
+    ids = tokenizer(TEXTS[:1], return_tensors="pt")["input_ids"]
+    outs = []
+    for kind in ("f32", "f16"):
+        model = _read(files, "llama", kind)
+        outs.append(model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id))
+    with torch.no_grad():
+        merged = models["llama"][0].generate(ids, max_new_tokens=12, do_sample=False,
+                                             pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(outs[0], merged) and torch.equal(outs[1], merged)
+
+
+def test_what_cannot_be_exported_is_refused_by_name(exported, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from scalora.builtin import build_tokenizer
+    from scalora.gguf_export import write_gguf
+
+    files, models, tokenizer = exported
+    merged, _ = models["llama"]
+    with pytest.raises(UserError, match="WordLevel"):  # the builtin model's tokenizer
+        write_gguf(merged, build_tokenizer(), str(tmp_path / "a.gguf"), "f16")
+    with pytest.raises(UserError, match="GPT2LMHeadModel"):
+        write_gguf(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))), tokenizer,
+                   str(tmp_path / "b.gguf"), "f16")
+    with pytest.raises(UserError, match="q4_k"):
+        write_gguf(merged, tokenizer, str(tmp_path / "c.gguf"), "q4_k")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_scalora_export_writes_the_adapted_model(tmp_path):
+    """`scalora export ADAPTER --gguf OUT --base FOLDER` (the entry point, in this process): the base folder and a
+    saved adapter in, the adapted model's logits out of the file (the unmerged PeftModel's, to fp32 rounding)."""
+    import contextlib
+    import io
+
+    from scalora import cli
+
+    tokenizer = _bpe_tokenizer()
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                  max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    ids = _ids(tokenizer)
+    bare = _logits(base, ids)
+    model = scalora.get_peft_model(base, scalora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    randomize_lora(model)
+    model.save_pretrained(tmp_path / "adapter")
+    expected = _logits(model.eval(), ids)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = cli.main(["export", str(tmp_path / "adapter"), "--gguf", str(tmp_path / "out" / "m.gguf"),
+                           "--type", "f32", "--base", str(tmp_path / "base")])
+    assert status == 0 and "GGUF written" in out.getvalue()
+    got = _logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), gguf_file="m.gguf",
+                                                       dtype=torch.float32).eval(), ids)
+    assert_rounding_close(got, expected, logits_rtol(base), wrong=bare,
+                          what="scalora export f32 against base + adapter (wrong: the base alone)")
