@@ -108,15 +108,28 @@ def _export(args: argparse.Namespace) -> int:
 
     from . import gguf_export
 
-    if os.path.isdir(args.gguf):
-        raise UserError(f"--gguf {args.gguf} is a folder; give the path of the .gguf file to write")
+    target = args.gguf or args.gguf_adapter
+    if bool(args.gguf) == bool(args.gguf_adapter):
+        raise UserError("give one of --gguf OUT.gguf (the merged model) or --gguf-adapter OUT.gguf (the adapter "
+                        "alone, for a base you already have as GGUF)")
+    if os.path.isdir(target):
+        raise UserError(f"{target} is a folder; give the path of the .gguf file to write")
     if args.type not in gguf_export.TYPES:
         raise UserError(f"--type {args.type}: choose one of {', '.join(gguf_export.TYPES)}")
+    if args.gguf_adapter:
+        from .model import load_as_trained
+
+        model = load_as_trained(args.adapter, args.base, args.config, args.full_precision, args.trust_remote_code)[0]
+        types = gguf_export.write_gguf_adapter(model, target, args.type)
+        print(f"GGUF LoRA adapter written to {target}: {len(types)} tensors ({gguf_export.describe(types)}); run it "
+              f"on the base's GGUF with llama.cpp (llama-cli -m BASE.gguf --lora {target}) or Ollama (a Modelfile "
+              f"with FROM BASE.gguf and ADAPTER {os.path.abspath(target)})")
+        return 0
     merged, tokenizer, how = _merged(args, torch.float32)
-    types = gguf_export.write_gguf(merged, tokenizer, args.gguf, args.type)
-    print(f"GGUF written to {args.gguf}: base loaded {how}, adapter merged, {len(types)} tensors "
-          f"({gguf_export.describe(types)}); run it with llama.cpp (llama-cli -m {args.gguf}) or Ollama (a Modelfile "
-          f"with FROM {os.path.abspath(args.gguf)})")
+    types = gguf_export.write_gguf(merged, tokenizer, target, args.type)
+    print(f"GGUF written to {target}: base loaded {how}, adapter merged, {len(types)} tensors "
+          f"({gguf_export.describe(types)}); run it with llama.cpp (llama-cli -m {target}) or Ollama (a Modelfile "
+          f"with FROM {os.path.abspath(target)})")
     return 0
 
 
@@ -184,12 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
     m.set_defaults(func=_merge)
 
-    x = sub.add_parser("export", help="merge an adapter into its base and write one GGUF file (llama.cpp, Ollama)",
+    x = sub.add_parser("export", help="write GGUF for llama.cpp and Ollama: the merged model, or the adapter alone",
                        description="The adapter merged into its base (as trained, like `scalora merge`, or "
                                    "--full-precision), written as GGUF with llama.cpp's tensor names and metadata, "
                                    "the tokenizer and chat template included.")
     x.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    x.add_argument("--gguf", required=True, help="the .gguf file to write")
+    x.add_argument("--gguf", help="the .gguf file to write: the merged model")
+    x.add_argument("--gguf-adapter", help="the .gguf file to write: the LoRA adapter alone (llama.cpp's --lora, "
+                                          "Ollama's ADAPTER), for a base you already have as GGUF")
     x.add_argument("--type", default="f16", help="f32, f16 (default), bf16 or q8_0: the 2-D weights' type (norms "
                                                 "stay f32)")
     x.add_argument("--base", help="base model folder or hub id (default: the run's model, or base_model_name_or_path "

@@ -215,3 +215,75 @@ def describe(types: dict[str, str]) -> str:
         counts[t] = counts.get(t, 0) + 1
     return ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
+
+
+def write_gguf_adapter(model: torch.nn.Module, path: str, kind: str = "f32", adapter_name: str = "default") -> dict:
+    """The LoRA adapter of `model` (scalora's PeftModel on its base) alone as a GGUF LoRA file, what llama.cpp's
+    `--lora` and Ollama's `ADAPTER` read (the layout of llama.cpp's convert_lora_to_gguf.py): `general.type`
+    adapter, `adapter.type` lora, `adapter.lora.alpha`, and per adapted weight `<GGUF name>.lora_a` (r x in) and
+    `.lora_b` (out x r). llama.cpp applies W + alpha / r * B A with one alpha for the file and r read from each A;
+    the adapter's own scale (rank_pattern, alpha_pattern, rsLoRA) is folded into B so that every layer gets exactly
+    its own. For a llama-architecture base, B's rows take llama.cpp's Q / K order. Returns {tensor: type}."""
+    import gguf
+
+    from .core.lora import LoraLayer
+
+    if kind not in ("f32", "f16", "bf16"):
+        raise UserError(f"--type {kind} for an adapter file: choose f32, f16 or bf16")
+    base = model.get_base_model()
+    cls = type(base).__name__
+    if cls not in ARCHITECTURES:
+        raise UserError(f"{cls} cannot be exported to GGUF by scalora (it writes {', '.join(ARCHITECTURES)})")
+    arch, permute = ARCHITECTURES[cls]
+    cfg = base.config
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    modules_to_save = getattr(model.peft_config[adapter_name], "modules_to_save", None)
+    if modules_to_save:
+        raise UserError(f"the adapter also trains whole modules ({modules_to_save}), which a GGUF LoRA file cannot "
+                        "hold: export the merged model (`scalora export ADAPTER --gguf OUT.gguf`)")
+    alpha = float(model.peft_config[adapter_name].lora_alpha)
+    plan = []  # (gguf name, tensor)
+    for module_name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        key = module_name + ".weight"
+        target = names.get_name(key, try_suffixes=(".weight",))
+        if target is None:
+            raise UserError(f"{key} of {cls} has no GGUF name in llama.cpp's {arch} architecture")
+        a = module.lora_A[adapter_name].weight.detach().float()
+        b = module.lora_B[adapter_name].weight.detach().float()
+        r = a.shape[0]
+        b = b * (module.scaling[adapter_name] * r / alpha)  # llama.cpp's alpha / r becomes this layer's scale
+        if permute and key.endswith("q_proj.weight"):
+            b = _permute(b, n_head)
+        elif permute and key.endswith("k_proj.weight"):
+            b = _permute(b, n_kv)
+        plan += [(target + ".lora_a", a), (target + ".lora_b", b)]
+    if not plan:
+        raise UserError("the model holds no LoRA layers to export")
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".scalora-", suffix=".gguf.partial", dir=d)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        types = {}
+        for target, t in plan:
+            qtype = _qtype(kind, tuple(t.shape))
+            types[target] = qtype.name
+            w.add_tensor(target, _convert(t, qtype), raw_dtype=qtype if qtype.name == "BF16" else None)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return types

@@ -222,7 +222,8 @@ def test_what_cannot_be_exported_is_refused_by_name(exported, tmp_path):
 
 def test_scalora_export_writes_the_adapted_model(tmp_path):
     """`scalora export ADAPTER --gguf OUT --base FOLDER` (the entry point, in this process): the base folder and a
-    saved adapter in, the adapted model's logits out of the file (the unmerged PeftModel's, to fp32 rounding)."""
+    saved adapter in, the adapted model's logits out of the file (the unmerged PeftModel's, to fp32 rounding);
+    `--gguf-adapter` writes the adapter file (its content: the test below); neither option is refused."""
     import contextlib
     import io
 
@@ -252,3 +253,64 @@ def test_scalora_export_writes_the_adapted_model(tmp_path):
                                                        dtype=torch.float32).eval(), ids)
     assert_rounding_close(got, expected, logits_rtol(base), wrong=bare,
                           what="scalora export f32 against base + adapter (wrong: the base alone)")
+    from gguf import GGUFReader
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = cli.main(["export", str(tmp_path / "adapter"), "--gguf-adapter", str(tmp_path / "lora.gguf"),
+                           "--base", str(tmp_path / "base")])
+    reader = GGUFReader(str(tmp_path / "lora.gguf"))
+    assert status == 0 and reader.fields["general.type"].contents() == "adapter"
+    assert len(reader.tensors) == 2 * 7 * 2  # lora_a and lora_b of 7 linear layers in 2 blocks
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = cli.main(["export", str(tmp_path / "adapter"), "--base", str(tmp_path / "base")])
+    assert status == 2 and "--gguf-adapter" in err.getvalue()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_adapter_file_applied_as_llama_cpp_applies_it_gives_the_merged_weights(tmp_path, arch):
+    """The GGUF LoRA file (`--gguf-adapter`), read with the gguf package's reader and applied as llama.cpp applies
+    one (W + alpha / r * B A per named weight, alpha from the file, r from A's shape) to the exported base: the
+    exported merged model's weights, tensor by tensor, to the rounding of the r-term sum (tests/tolerance.py's
+    rounding_rtol). Per-layer ranks and alphas (rank_pattern, alpha_pattern) and rsLoRA's scale included; the file's
+    B without that folding (each layer at the file's alpha / r) lies far outside."""
+    from gguf import GGUFReader
+
+    from scalora.gguf_export import write_gguf, write_gguf_adapter
+    from tolerance import assert_rounding_close as close, rounding_rtol
+
+    tokenizer = _bpe_tokenizer()
+    config = AutoConfig.for_model(arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                  max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    write_gguf(base, tokenizer, str(tmp_path / "base.gguf"), "f32")
+    model = scalora.get_peft_model(base, scalora.LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True, rank_pattern={"down_proj": 4},
+        alpha_pattern={"q_proj": 40}))
+    randomize_lora(model)
+    write_gguf_adapter(model, str(tmp_path / "adapter.gguf"))
+    write_gguf(model.merge_and_unload(), tokenizer, str(tmp_path / "merged.gguf"), "f32")
+
+    def tensors(name):
+        reader = GGUFReader(str(tmp_path / name))
+        return reader, {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+
+    reader, lora = tensors("adapter.gguf")
+    _, plain = tensors("base.gguf")
+    _, merged = tensors("merged.gguf")
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    alpha = reader.fields["adapter.lora.alpha"].contents()
+    targets = sorted({k.rsplit(".", 1)[0] for k in lora})
+    assert len(targets) == 7 * 2 and all(t in plain for t in targets)  # every linear layer of both blocks
+    for t in targets:
+        a, b = lora[t + ".lora_a"], lora[t + ".lora_b"]
+        r = a.shape[0]
+        applied = plain[t] + alpha / r * (b.double() @ a.double()).float()
+        scale = (40 if "attn_q" in t else 16) / math.sqrt(r)  # the config's: alpha_pattern, rsLoRA
+        raw = b.double() * alpha / (scale * r)  # the adapter's own B, as an export without the folding writes it
+        unfolded = plain[t] + alpha / r * (raw @ a.double()).float()
+        close(applied, merged[t], rounding_rtol(r, 2), wrong=unfolded,
+              what=f"{arch} {t}: base + adapter file as llama.cpp applies it (wrong: B unscaled, alpha / r)")
