@@ -350,9 +350,9 @@ def run(argv: Optional[list[str]] = None) -> NoReturn:
     Python's teardown frees every module and object one by one; with torch, transformers and torch.compile's modules
     loaded that took 0.8 s after every command (measured: `import scalora.cli` then exit, 3.97 s against 3.19 s with
     this exit, Intel Xeon amx_bf16), paid again by each process of a launched run. Nothing is skipped that keeps data:
-    every file scalora writes is closed before `main` returns, and what a normal exit runs first (joining the
-    threads that are not daemons, then the atexit handlers: wandb's finish, logging's flush, multiprocessing's
-    children) runs here too, then the standard streams are flushed."""
+    every file scalora writes is closed before `main` returns, and what a normal exit runs first (threading's exit
+    calls and the joining of threads that are not daemons, then the atexit handlers: wandb's finish, logging's
+    flush, multiprocessing's and torch.compile's workers) runs here too, then the standard streams are flushed."""
     try:
         code = main(argv)
     except SystemExit as e:  # argparse's --help and usage errors
@@ -360,10 +360,13 @@ def run(argv: Optional[list[str]] = None) -> NoReturn:
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    me = threading.current_thread()
-    for t in threading.enumerate():
-        if t is not me and not t.daemon:
-            t.join()
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None or threading.current_thread() is not threading.main_thread():
+        sys.exit(code)  # the interpreter's own exit where its sequence is not at hand
+    # What the interpreter runs first at exit, in its order: threading's own atexit calls (concurrent.futures tells
+    # its pools' workers to stop: joining those threads without it waits forever; torch.compile's workers showed it),
+    # then every thread that is not a daemon joined; then the atexit handlers.
+    shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

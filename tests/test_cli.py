@@ -183,7 +183,8 @@ def test_cli_errors_are_clear(env, tmp_path):
 def test_the_command_ends_as_a_normal_exit_would(env, tmp_path):
     """`scalora` ends with os._exit (scalora/cli.py's run: the interpreter's teardown cost ~0.8 s a process), after
     what a normal exit does first: threads that are not daemons finish, atexit handlers run, buffered output is
-    written, and the code comes through. A bare os._exit loses all three."""
+    written, and the code comes through. A bare os._exit loses all three; joining the threads without threading's
+    own exit calls first waits forever on an idle executor's worker (found with torch.compile's workers)."""
     code = f"""
 import atexit, sys, threading, time
 from scalora.cli import run
@@ -192,12 +193,15 @@ def late():
     time.sleep(0.5)
     open({str(tmp_path / "thread")!r}, "w").close()
 threading.Thread(target=late).start()
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(1)  # kept, with an idle worker (torch.compile keeps such pools): it stops when told
+pool.submit(int).result()
 sys.stdout.write("BUFFERED")  # no newline: still in the pipe's buffer
 run(sys.argv[1:])
 """
     e = {k: v for k, v in env["env"].items() if k != "PYTHONUNBUFFERED"}  # a pipe's stdout: block-buffered
     p = subprocess.run([sys.executable, "-c", code, "launch-file", "ddp"], env=e, capture_output=True, text=True,
-                       timeout=300)
+                       timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.startswith("BUFFERED") and p.stdout.strip().endswith("launch/ddp.yaml")
     assert (tmp_path / "atexit").exists() and (tmp_path / "thread").exists()
