@@ -14,6 +14,7 @@ Supported here (others are refused by name, with what to do):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -136,6 +137,22 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
     return int(np.prod(shape)) // block * size
 
 
+@contextlib.contextmanager
+def _file_beside(path: str):
+    """A temporary file in `path`'s folder, renamed onto `path` when the block completes and removed if it fails:
+    no half-written GGUF is ever left under the target's name."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".scalora-", suffix=".gguf.partial", dir=d)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", name: str | None = None) -> dict:
     """Write `model` (a transformers causal LM, e.g. a merged one) and `tokenizer` to `path` as GGUF of type `kind`.
     Returns {gguf tensor name: GGML type name}."""
@@ -168,11 +185,7 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", 
         shape = tuple(t.shape)
         plan.append((target, key, shape, _qtype(kind, shape)))
 
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".scalora-", suffix=".gguf.partial", dir=d)
-    os.close(fd)
-    try:
+    with _file_beside(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name or getattr(cfg, "_name_or_path", "") or cls)
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -201,11 +214,6 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", 
                 t = _permute(t, n_kv)
             w.write_tensor_data(_convert(t, qtype))
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return {target: qtype.name for target, _, _, qtype in plan}
 
 
@@ -263,11 +271,7 @@ def write_gguf_adapter(model: torch.nn.Module, path: str, kind: str = "f32", ada
         plan += [(target + ".lora_a", a), (target + ".lora_b", b)]
     if not plan:
         raise UserError("the model holds no LoRA layers to export")
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".scalora-", suffix=".gguf.partial", dir=d)
-    os.close(fd)
-    try:
+    with _file_beside(path) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -281,9 +285,4 @@ def write_gguf_adapter(model: torch.nn.Module, path: str, kind: str = "f32", ada
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return types
