@@ -47,7 +47,7 @@ def distributed_run(env):
     dist.num_processes=2` (scalora runs `accelerate launch` with the file itself). FSDP and ZeRO-3 with
     train.chunked_loss=true: FSDP2 keeps the root's head whole through backward, so the chunked path runs there;
     ZeRO-3's released head falls back to whole logits. One run proves each topology and its chunked-loss path
-    (whole-logits FSDP: the resume and bf16 runs)."""
+    (whole-logits FSDP: the bf16 and layered-base runs)."""
     done = {}
 
     def get(name):
