@@ -168,6 +168,17 @@ def _launch_file(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_base_options(p: argparse.ArgumentParser) -> None:
+    """How `merge` and `export` load the base under the adapter (scalora.model.load_as_trained's arguments)."""
+    p.add_argument("--base", help="base model folder or hub id (default: the run's model, or base_model_name_or_path "
+                                  "of the adapter)")
+    p.add_argument("--config", help="the run config the adapter was trained with (default: config.yaml beside it)")
+    p.add_argument("--full-precision", action="store_true",
+                   help="merge into the original full-precision base weights instead of the (de-quantized) base the "
+                        "adapter was trained on")
+    p.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scalora", description="QLoRA fine-tuning with PEFT-format adapters.")
     p.add_argument("--debug", action="store_true",
@@ -186,15 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge an adapter into its base and save a plain transformers model")
     m.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     m.add_argument("--out", required=True, help="output folder for the merged model")
-    m.add_argument("--base", help="base model folder or hub id (default: the run's model, or base_model_name_or_path "
-                                  "of the adapter)")
-    m.add_argument("--config", help="the run config the adapter was trained with (default: config.yaml beside it)")
-    m.add_argument("--full-precision", action="store_true",
-                   help="merge into the original full-precision base weights instead of the (de-quantized) base the "
-                        "adapter was trained on")
+    _add_base_options(m)
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the merged weights (default float32)")
-    m.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
     m.set_defaults(func=_merge)
 
     x = sub.add_parser("export", help="write GGUF for llama.cpp and Ollama: the merged model, or the adapter alone",
@@ -207,13 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "Ollama's ADAPTER), for a base you already have as GGUF")
     x.add_argument("--type", default="f16", help="f32, f16 (default), bf16 or q8_0: the 2-D weights' type (norms "
                                                 "stay f32)")
-    x.add_argument("--base", help="base model folder or hub id (default: the run's model, or base_model_name_or_path "
-                                  "of the adapter)")
-    x.add_argument("--config", help="the run config the adapter was trained with (default: config.yaml beside it)")
-    x.add_argument("--full-precision", action="store_true",
-                   help="merge into the original full-precision base weights instead of the (de-quantized) base the "
-                        "adapter was trained on")
-    x.add_argument("--trust-remote-code", action="store_true", help="run the base repository's own code")
+    _add_base_options(x)
     x.set_defaults(func=_export)
 
     pl = sub.add_parser("plan", help="predict the per-device memory of a run, by strategy, before running it",

@@ -109,6 +109,15 @@ def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama_rows(key: str, t: torch.Tensor, n_head: int, n_kv: int) -> torch.Tensor:
+    """`t` (the weight named `key`, or its LoRA B: the same rows) in llama.cpp's row order: Q and K permuted."""
+    if key.endswith("q_proj.weight"):
+        return _permute(t, n_head)
+    if key.endswith("k_proj.weight"):
+        return _permute(t, n_kv)
+    return t
+
+
 def _qtype(kind: str, shape: tuple[int, ...]):
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
@@ -207,11 +216,7 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", 
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for target, key, shape, qtype in plan:  # one tensor converted at a time
-            t = state[key]
-            if permute and key.endswith("q_proj.weight"):
-                t = _permute(t, n_head)
-            elif permute and key.endswith("k_proj.weight"):
-                t = _permute(t, n_kv)
+            t = _llama_rows(key, state[key], n_head, n_kv) if permute else state[key]
             w.write_tensor_data(_convert(t, qtype))
         w.close()
     return {target: qtype.name for target, _, _, qtype in plan}
@@ -264,10 +269,8 @@ def write_gguf_adapter(model: torch.nn.Module, path: str, kind: str = "f32", ada
         b = module.lora_B[adapter_name].weight.detach().float()
         r = a.shape[0]
         b = b * (module.scaling[adapter_name] * r / alpha)  # llama.cpp's alpha / r becomes this layer's scale
-        if permute and key.endswith("q_proj.weight"):
-            b = _permute(b, n_head)
-        elif permute and key.endswith("k_proj.weight"):
-            b = _permute(b, n_kv)
+        if permute:
+            b = _llama_rows(key, b, n_head, n_kv)
         plan += [(target + ".lora_a", a), (target + ".lora_b", b)]
     if not plan:
         raise UserError("the model holds no LoRA layers to export")
