@@ -34,6 +34,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = _f(BUILTIN_MODEL, "local folder or hub id of a causal LM; 'builtin:tiny-llama' is built here")
+    gguf_file: Optional[str] = _f(None, "a GGUF file in the name_or_path folder or hub repository (a .gguf path in "
+                                  "name_or_path needs none): de-quantized once into a plain fp32 folder in scalora's "
+                                  "cache, then quantized by bitsandbytes like any checkpoint")
     revision: Optional[str] = _f(None, "hub revision")
     trust_remote_code: bool = _f(False, "run the model repository's own code (only for repositories you trust)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(

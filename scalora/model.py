@@ -26,9 +26,17 @@ def shipped_configs() -> list[str]:
     return sorted(p.name.replace("--", "/") for p in MODEL_CONFIGS.iterdir() if (p / "config.json").is_file())
 
 
-def resolve_model_path(name_or_path: str, config_only: bool = False) -> str:
-    """Where a model loads from: the builtin model's folder (built on first use), a local folder, or a hub id. With
-    `config_only` (planning needs config.json alone), also the config shipped in scalora/assets/model_configs."""
+def resolve_model_path(name_or_path: str, config_only: bool = False, gguf_file: Optional[str] = None,
+                       revision: Optional[str] = None) -> str:
+    """Where a model loads from: the builtin model's folder (built on first use), a local folder, a hub id, or the
+    plain folder a GGUF file (a `.gguf` path, or `gguf_file` in a folder or hub repository) is converted into once
+    (scalora/gguf_base.py). With `config_only` (planning needs config.json alone), also the config shipped in
+    scalora/assets/model_configs."""
+    from . import gguf_base
+
+    source = gguf_base.gguf_source(name_or_path, gguf_file)
+    if source is not None:
+        return gguf_base.plain_folder(*source, revision=revision, config_only=config_only)
     if name_or_path == BUILTIN_MODEL:
         from .builtin import tiny_llama_path
 
@@ -44,6 +52,11 @@ def resolve_model_path(name_or_path: str, config_only: bool = False) -> str:
         raise UserError(f"model.name_or_path={name_or_path!r} could not be loaded: no such folder. Give a folder "
                          f"written by save_pretrained, a hub id such as 'Qwen/Qwen2.5-7B', or {BUILTIN_MODEL}{hint}")
     return name_or_path  # a hub id
+
+
+def base_folder(cfg: RunConfig, config_only: bool = False) -> str:
+    """`resolve_model_path` for the run's `model` section."""
+    return resolve_model_path(cfg.model.name_or_path, config_only, cfg.model.gguf_file, cfg.model.revision)
 
 
 def quantization_config(cfg: RunConfig, dtype: torch.dtype):
@@ -192,7 +205,7 @@ def build_model(cfg: RunConfig, device_map: Any = None, dtype: Optional[torch.dt
                 shard_layer: Optional[Callable[[torch.nn.Module], None]] = None,
                 device: Optional[torch.device] = None) -> tuple[PeftModel, Any, str]:
     """(LoRA-wrapped model, tokenizer, resolved base path); the arguments as for `build_peft_model`."""
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = base_folder(cfg)
     tokenizer = load_tokenizer(cfg, path)
     return build_peft_model(cfg, path, device_map, dtype, shard_layer, device), tokenizer, path
 
@@ -301,7 +314,8 @@ def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Option
         or adapter_cfg.base_model_name_or_path
     if not name:
         raise UserError(f"{adapter_dir}/adapter_config.json names no base model: pass --base PATH")
-    path = resolve_model_path(name)
+    gguf_file = cfg.model.gguf_file if name == cfg.model.name_or_path else None
+    path = resolve_model_path(name, gguf_file=gguf_file, revision=cfg.model.revision)
     dtype = run_compute_dtype(cfg, path)[0]
     model = load_base(cfg, path, device_map={"": "cuda:0"} if torch.cuda.is_available() else None, dtype=dtype)
     freeze_with_fp32_norms(model)

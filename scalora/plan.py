@@ -125,7 +125,7 @@ class Estimate:
 
 # --- the model, from its config ---------------------------------------------------------------------------------
 def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_modules: Any = None,
-                r: int = 16, trust_remote_code: bool = False) -> Shape:
+                r: int = 16, trust_remote_code: bool = False, gguf_file: Optional[str] = None) -> Shape:
     """Count the model's parameters by kind, building it on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -135,7 +135,7 @@ def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_m
     from .core.lora_config import LoraConfig
     from .model import is_norm, resolve_model_path, shipped_configs
 
-    folder = resolve_model_path(name_or_path, config_only=True)
+    folder = resolve_model_path(name_or_path, config_only=True, gguf_file=gguf_file)
     try:
         hf = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -431,7 +431,7 @@ def render(shape: Shape, st: Settings, rows: list[Estimate], gpu_memory: float, 
 
 def plan(cfg, gpus: int = 1, nodes: int = 1, gpu_memory: float = 24 * GiB, device: str = "gpu") -> tuple[str, list]:
     shape = model_shape(cfg.model.name_or_path, cfg.lora.target_modules, cfg.lora.exclude_modules, cfg.lora.r,
-                        cfg.model.trust_remote_code)
+                        cfg.model.trust_remote_code, cfg.model.gguf_file)
     overhead = cpu_runtime_bytes() if device == "cpu" else 0.0
     st = settings_from_config(cfg, device, overhead, shape.hidden)
     devices = gpus * nodes

@@ -85,17 +85,17 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
 
 
 def _storage_and_dtype(cfg: RunConfig) -> tuple[Optional[Any], Any]:
-    from .model import prequantized_storage, resolve_model_path, run_compute_dtype
+    from .model import base_folder, prequantized_storage, run_compute_dtype
 
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = base_folder(cfg)
     storage = prequantized_storage(cfg, path)
     return storage, (run_compute_dtype(cfg, path)[0] if storage is not None else None)
 
 
 def _check_model(cfg: RunConfig, launch: dict[str, Any], collect) -> None:
-    from .model import resolve_model_path, run_compute_dtype
+    from .model import base_folder, run_compute_dtype
 
-    path = collect(resolve_model_path, cfg.model.name_or_path)
+    path = collect(base_folder, cfg)
     if path is None:
         return
     resolved = collect(run_compute_dtype, cfg, path)

@@ -27,7 +27,7 @@ from .data import Datasets, build_datasets, count_loss_tokens, device_batch, nee
 from .evaluate import describe, validate
 from .hardware import cpu_features, limit_onednn_cache
 from .loss import token_loss_sum
-from .model import build_model, prequantized_storage, resolve_model_path, run_compute_dtype
+from .model import base_folder, build_model, prequantized_storage, run_compute_dtype
 from .tracking import Progress, Tracker, choose_tracker, plot_losses, summary_text
 
 
@@ -115,7 +115,7 @@ def setup(cfg: RunConfig) -> Run:
     """Everything before the first step: processes, model, data, optimizer, the run folder, the resume point."""
     threads = dist.configure_threads(cfg.dist.threads_per_process)
     out = cfg.train.output_dir
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = base_folder(cfg)
     resume_from, clear_old = checkpoint.prepare_output_dir(cfg, out)
     dtype, dtype_why = dist.launcher_precision(cfg.model.dtype, *kept_compute_dtype(cfg, path, resume_from))
     tracker_name = choose_tracker(cfg)
@@ -182,7 +182,9 @@ def _total_steps(cfg: RunConfig, n_train: int) -> int:
 def _log_header(run: Run) -> None:
     cfg, data, info, log = run.cfg, run.data, run.info, run.log
     resume = "resuming from " + info["resume_from"] if info["resume_from"] else "new run"
-    log.line(f"scalora: {os.path.basename(info['base_path'])} | {cfg.quant.bits}-bit base, LoRA r={cfg.lora.r} | "
+    base = cfg.model.gguf_file or os.path.basename(info['base_path'] if not cfg.model.name_or_path.lower().endswith(".gguf")
+                                                   else cfg.model.name_or_path)
+    log.line(f"scalora: {base} | {cfg.quant.bits}-bit base, LoRA r={cfg.lora.r} | "
              f"{data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples "
              f"({data.format}{', packed' if cfg.data.packing else ''}) | {run.accelerator.num_processes} process(es) "
              f"x {info['threads']} threads | {run.total} steps of {cfg.train.global_batch_size} | {resume} | "

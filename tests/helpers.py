@@ -123,3 +123,23 @@ def assert_runs_agree(env, out, ref, dtype: str = "float32") -> None:
     wrong = adapted_logits(env["base"], os.path.join(wrong_step, "adapter"), ids) if wrong_step else None
     assert_rounding_close(adapted_logits(env["base"], os.path.join(out, "final"), ids), expected, rtol, wrong=wrong,
                           what="adapted logits (wrong: the reference's earliest checkpoint)")
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer, a chat template) trained here on the builtin corpus: a
+    tokenizer with a GGUF form (the builtin model's word-level one has none)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from scalora.builtin import CHAT_TEMPLATE, pretraining_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's: llama.cpp's "gpt-2"
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(pretraining_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -25,30 +25,13 @@ import scalora
 from scalora.core.errors import UserError
 
 from conftest import randomize_lora
+from helpers import bpe_tokenizer
 from tolerance import LAMBDA, assert_rounding_close, logits_rtol, model_shape, operand_rtol
 
 gguf = pytest.importorskip("gguf")  # a runtime dependency (pyproject.toml); the skip names it if an install lacks it
 
 TEXTS = ["Instruction: name the topic of this sentence.\nInput: the river flooded the valley",
          "it is about words, 12345 and  two  spaces"]
-
-
-def _bpe_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from scalora.builtin import CHAT_TEMPLATE, pretraining_corpus
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's: llama.cpp's "gpt-2"
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(pretraining_corpus(), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
 
 
 def _merged(arch: str, tokenizer, tied: bool):
@@ -76,7 +59,7 @@ def exported(tmp_path_factory):
     """{(arch, type): (folder, file name)} plus the merged models and the tokenizer."""
     from scalora.gguf_export import write_gguf
 
-    tokenizer = _bpe_tokenizer()
+    tokenizer = bpe_tokenizer()
     root = tmp_path_factory.mktemp("gguf")
     models, files = {}, {}
     for arch, tied in (("llama", True), ("mistral", False), ("qwen2", False)):
@@ -229,7 +212,7 @@ def test_scalora_export_writes_the_adapted_model(tmp_path):
 
     from scalora import cli
 
-    tokenizer = _bpe_tokenizer()
+    tokenizer = bpe_tokenizer()
     config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                                   max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
@@ -279,7 +262,7 @@ def test_adapter_file_applied_as_llama_cpp_applies_it_gives_the_merged_weights(t
     from scalora.gguf_export import write_gguf, write_gguf_adapter
     from tolerance import assert_rounding_close as close, rounding_rtol
 
-    tokenizer = _bpe_tokenizer()
+    tokenizer = bpe_tokenizer()
     config = AutoConfig.for_model(arch, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
                                   max_position_embeddings=256, tie_word_embeddings=False)
