@@ -112,7 +112,7 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def plot_losses(metrics_path: str, out_png: str) -> Optional[str]:
-    """Train and validation loss (and exact match where measured) against the step."""
+    """Train and validation loss (and exact match where measured) against the step, written to `out_png`."""
     try:
         import matplotlib
 
@@ -122,34 +122,53 @@ def plot_losses(metrics_path: str, out_png: str) -> Optional[str]:
         warnings.warn("matplotlib is not installed: no loss plot (pip install matplotlib)")
         return None
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-    em = [(r["step"], r["eval/exact_match"]) for r in rows if "eval/exact_match" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per token)")
-    ax.grid(alpha=0.3)
-    if em:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*em), "s--", label="validation exact match", color="tab:green")
-        ax2.set_ylabel("exact match")
-        ax2.set_ylim(0, 1.05)
-        ax2.legend(loc="center right")
-    ax.legend(loc="upper right")
-    ax.set_title("scalora training run")
-    fig.tight_layout()
+    fig = loss_figure(rows)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
 
 
+def loss_figure(rows: list[dict[str, Any]]):
+    """The loss plot of metrics.jsonl's rows: a log-scale loss axis where the losses span a decade or more (a
+    fine-tune's loss often falls from ~3 to ~0.05, and a linear axis flattens everything after the first steps),
+    the legend below the axes, where it covers no line."""
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    em = [(r["step"], r["eval/exact_match"]) for r in rows if "eval/exact_match" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", color="tab:orange")
+    losses = [v for _, v in train + val if v == v and v > 0]
+    log_scale = bool(losses) and max(losses) >= 10 * min(losses)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per token" + (" (log scale)" if log_scale else ""))
+    ax.grid(alpha=0.3, which="both" if log_scale else "major")
+    handles, labels = ax.get_legend_handles_labels()
+    if em:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*em), "s--", label="validation exact match", color="tab:green")
+        ax2.set_ylabel("exact match")
+        ax2.set_ylim(0, 1.05)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.set_title("scalora training run")
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
+    return fig
+
+
 def summary_text(s: dict[str, Any], png: Optional[str]) -> str:
-    lines = [f"done: {s['steps']} steps, {s['train_tokens']:,} tokens in {s['train_seconds']:.1f} s "
-             f"({s['tokens_per_s']:,.0f} tokens/s), peak memory {s['peak_memory_gb']:.2f} GiB"]
+    other = s.get("validation_seconds", 0) + s.get("checkpoint_seconds", 0)
+    lines = [f"done: {s['steps']} steps, {s['train_tokens']:,} tokens in {s['train_seconds']:.1f} s of training "
+             f"({s['tokens_per_s']:,.0f} tokens/s; validation and checkpoints another {other:.1f} s), peak memory "
+             f"{s['peak_memory_gb']:.2f} GiB"]
     f, l = s["first_eval"], s["final_eval"]
     if f and l:
         lines.append(f"validation loss {f['eval/loss']:.4f} -> {l['eval/loss']:.4f}")

@@ -204,6 +204,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     first_eval = _validate(run, 0) if run.start == 0 and data.validation else {}
     last_eval, eval_step, skipped = dict(first_eval), 0, 0
     tokens_seen, t0, window_tokens, window_t = 0, time.time(), 0, time.time()
+    # Seconds spent validating and writing checkpoints inside the loop: left out of tokens/s (the progress line's
+    # window and the summary's), which measure training alone; the summary reports them beside it.
+    paused = {"validation": 0.0, "checkpoints": 0.0}
     run.model.train()
     for step in range(run.start, run.total):
         rows = [data.train[i] for i in global_batch(step, len(data.train), t.global_batch_size, t.seed)]
@@ -235,17 +238,28 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         else:
             log.tick(done)
         if data.validation and t.eval_every and done % t.eval_every == 0 and done != run.total:
+            started = time.time()
             last_eval, eval_step = _validate(run, done), done
+            paused["validation"] += time.time() - started
+            window_t += time.time() - started
         stop = run.stopper.requested(run.accelerator)
         if done != run.total and (stop or t.save_every and done % t.save_every == 0):
+            started = time.time()
             path = _save(run, done, run.tokens_before + tokens_seen, last_eval if eval_step == done else {})
+            paused["checkpoints"] += time.time() - started
+            window_t += time.time() - started
             if stop:
                 return _stopped(run, done, path)
+    training = time.time() - t0 - sum(paused.values())
     if data.validation and run.start < run.total:
+        started = time.time()
         last_eval, eval_step = _validate(run, run.total), run.total
+        paused["validation"] += time.time() - started
     if run.start < run.total:
+        started = time.time()
         _save(run, run.total, run.tokens_before + tokens_seen, last_eval if eval_step == run.total else {})
-    return _finish(run, tokens_seen, time.time() - t0, skipped, first_eval, last_eval)
+        paused["checkpoints"] += time.time() - started
+    return _finish(run, tokens_seen, training, paused, skipped, first_eval, last_eval)
 
 
 def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[torch.Tensor, Optional[float], int]:
@@ -316,8 +330,8 @@ def _stopped(run: Run, step: int, path: str) -> dict[str, Any]:
     return {"steps": step, "stopped_by": run.stopper.name, "checkpoint": path}
 
 
-def _finish(run: Run, tokens_seen: int, elapsed: float, skipped: int, first_eval: dict, last_eval: dict
-            ) -> dict[str, Any]:
+def _finish(run: Run, tokens_seen: int, elapsed: float, paused: dict[str, float], skipped: int, first_eval: dict,
+            last_eval: dict) -> dict[str, Any]:
     """The final adapter, summary.json, the loss plot."""
     accelerator, info, out = run.accelerator, run.info, run.cfg.train.output_dir
     checkpoint.save_final_adapter(accelerator, run.model, os.path.join(out, "final"))
@@ -325,7 +339,9 @@ def _finish(run: Run, tokens_seen: int, elapsed: float, skipped: int, first_eval
                                                    device=accelerator.device)).tolist()
     peak = dist.peak_memory_bytes()
     summary = {"steps": run.total, "resumed_from_step": run.start, "train_tokens": tokens_seen,
-               "train_seconds": round(elapsed, 2), "total_seconds": round(time.time() - info["t_start"], 2),
+               "train_seconds": round(elapsed, 2), "validation_seconds": round(paused["validation"], 2),
+               "checkpoint_seconds": round(paused["checkpoints"], 2),
+               "total_seconds": round(time.time() - info["t_start"], 2),
                "tokens_per_s": round(tokens_seen / max(1e-9, elapsed), 1), "processes": accelerator.num_processes,
                "topology": dist.topology(accelerator), "optimizer_state_elements_per_rank": opt_elements,
                "trainable_params": info["trainable"], "skipped_steps": skipped,

@@ -43,6 +43,15 @@ def test_train_writes_everything(trained):
     assert all(k in metrics[1] for k in ("train/lr", "train/tokens_per_s", "train/grad_norm"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_eval"]["eval/loss"] < summary["first_eval"]["eval/loss"]
+    # tokens/s measure training alone: the windows' seconds (tokens / tokens_per_s) add up to the summary's training
+    # seconds, with the validation and checkpoint of step 3 left out of step 4's window (validating 300 examples
+    # and writing a checkpoint take longer than one step of 16: counted in, step 4's window would be the longest)
+    train_rows = [m for m in metrics if "train/loss" in m]
+    window = [(m["train/tokens"] - prev) / m["train/tokens_per_s"]
+              for m, prev in zip(train_rows, [0] + [m["train/tokens"] for m in train_rows])]
+    assert abs(sum(window) - summary["train_seconds"]) <= 0.05 * summary["train_seconds"] + 0.05, (window, summary)
+    assert window[3] < summary["validation_seconds"] / 3 + summary["checkpoint_seconds"] / 2, (window, summary)
+    assert f"{summary['train_seconds']:.1f} s of training" in p.stdout
     # no frozen base weights in a checkpoint: every tensor in it is the adapter's or its optimizer state's
     ckpt = out / "checkpoints/step-000006"
     tensors = {**load_file(ckpt / "adapter/adapter_model.safetensors"), **load_file(ckpt / "optimizer.safetensors")}
