@@ -94,6 +94,10 @@ class DataConfig:
     input_field: str = _f("input", "instruction records: the optional input")
     output_field: str = _f("output", "instruction records: the completion")
     messages_field: str = _f("messages", "chat records: list of {role, content}")
+    instruction_template: Literal["alpaca", "chat"] = _f(
+        "alpaca", "how instruction records become a prompt: alpaca's template, or chat: the tokenizer's chat template "
+        "with the instruction (and input on the next line) as the user's turn and the output as the assistant's "
+        "(for instruct models)")
     train_on_prompt: bool = _f(False, "also compute the loss on prompt tokens")
     max_length: int = _f(512, "tokens per example (or per packed row)")
     too_long: Literal["truncate", "drop"] = _f("truncate", "what to do with longer examples (counted and reported)")

@@ -157,6 +157,13 @@ def instruction_prompt(record: dict, cfg: DataConfig) -> str:
     return template.format(instruction=record[cfg.instruction_field], input=inp)
 
 
+def instruction_messages(record: dict, cfg: DataConfig) -> list[dict[str, str]]:
+    """An instruction record as a conversation (data.instruction_template=chat): user, then assistant."""
+    inp = record.get(cfg.input_field) or ""
+    user = str(record[cfg.instruction_field]) + (f"\n{inp}" if inp else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": str(record[cfg.output_field])}]
+
+
 def _encode(tokenizer, text: str, bos: bool) -> list[int]:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if bos and tokenizer.bos_token_id is not None:
@@ -170,6 +177,8 @@ def tokenize_record(record: dict, fmt: str, tokenizer, cfg: DataConfig) -> tuple
     if fmt == "text":
         ids = _encode(tokenizer, record[cfg.text_field], bos=True) + eos
         return ids, list(ids)
+    if fmt == "instruction" and cfg.instruction_template == "chat":
+        return _tokenize_chat(instruction_messages(record, cfg), tokenizer, cfg)
     if fmt == "instruction":
         prompt = _encode(tokenizer, instruction_prompt(record, cfg), bos=True)
         answer = _encode(tokenizer, str(record[cfg.output_field]), bos=False) + eos

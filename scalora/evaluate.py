@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 
 from .config import RunConfig
-from .data import Datasets, count_loss_tokens, device_batch, instruction_prompt
+from .data import Datasets, count_loss_tokens, device_batch, instruction_messages, instruction_prompt
 from .loss import token_loss_sum
 
 
@@ -33,6 +33,8 @@ def loss_and_perplexity(model, accelerator, rows: list[dict], micro: int, pad_id
 def answer_prompt(record: dict, fmt: str, tokenizer, cfg: RunConfig) -> Optional[tuple[list[int], str]]:
     """(prompt ids, reference answer) for exact-match scoring, or None for plain-text data."""
     d = cfg.data
+    if fmt == "instruction" and d.instruction_template == "chat":
+        fmt, record = "chat", {d.messages_field: instruction_messages(record, d)}
     if fmt == "instruction":
         ids = tokenizer(instruction_prompt(record, d), add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -42,6 +42,27 @@ def test_chat_masks_everything_but_assistant_turns(tok):
     assert kept == ["music", "<|end|>", "food", "<|end|>"]
 
 
+def test_instruction_records_through_the_chat_template(tok):
+    """data.instruction_template=chat: the same tokens as the conversation user (instruction, input) -> assistant
+    (output) in chat format, and exact match prompts the model with the template's generation prompt."""
+    from scalora.config import load_config
+    from scalora.evaluate import answer_prompt
+
+    rec = {"instruction": "Which topic is this sentence about?", "input": "the band played", "output": "music"}
+    cfg = DataConfig(instruction_template="chat")
+    msgs = [{"role": "user", "content": "Which topic is this sentence about?\nthe band played"},
+            {"role": "assistant", "content": "music"}]
+    ids, labels = tokenize_record(rec, "instruction", tok, cfg)
+    assert (ids, labels) == tokenize_record({"messages": msgs}, "chat", tok, cfg)
+    assert [t for t, lab in zip(_tokens(tok, ids), labels) if lab != IGNORE] == ["music", "<|end|>"]
+    assert "###" not in _tokens(tok, ids)  # not alpaca's template
+    run_cfg = load_config(None, ["data.instruction_template=chat"])
+    prompt, ref = answer_prompt(rec, "instruction", tok, run_cfg)
+    expected = tok(tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+    assert prompt == expected and ref == "music" and ids[:len(prompt)] == prompt
+
+
 def test_chat_without_template_is_refused(tok):
     tok2 = build_tokenizer()
     tok2.chat_template = None
