@@ -266,7 +266,7 @@ def save_final_adapter(accelerator, model, path: str) -> None:
 # --- the run folder ---------------------------------------------------------------------------------------------
 # Keys that may change between a run and its continuation: how long to train and how to start.
 _CONTINUATION_KEYS = ("resume", "overwrite", "max_steps", "epochs", "output_dir")  # a run folder may be moved
-_RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png", "config.yaml")
+_RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "summary.json", "loss.png", "config.yaml")
 _RENAMED_LORA_KEYS = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 

@@ -48,11 +48,22 @@ def answer_prompt(record: dict, fmt: str, tokenizer, cfg: RunConfig) -> Optional
     return None
 
 
+def question(record: dict, fmt: str, cfg: RunConfig) -> str:
+    """What a validation example asks, for a sample line: the input (else the instruction), or the last user turn."""
+    d = cfg.data
+    if fmt == "instruction":
+        return str(record.get(d.input_field) or record[d.instruction_field])
+    users = [m for m in record.get(d.messages_field) or [] if m.get("role") == "user"]
+    return str(users[-1]["content"]) if users else ""
+
+
 @torch.no_grad()
-def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -> Optional[float]:
-    """Share of validation answers generated greedily that equal the reference, after stripping spaces."""
+def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig,
+                samples: Optional[list[dict[str, str]]] = None, n_samples: int = 3) -> Optional[float]:
+    """Share of validation answers generated greedily that equal the reference, after stripping spaces. With
+    `samples`, the first `n_samples` of this rank's (question, reference, generated) are appended to it."""
     n = cfg.data.max_eval_generate
-    pairs = [p for r in data.validation_records[:n] if (p := answer_prompt(r, data.format, tokenizer, cfg))]
+    pairs = [(p, r) for r in data.validation_records[:n] if (p := answer_prompt(r, data.format, tokenizer, cfg))]
     if not pairs:
         return None
     net = accelerator.unwrap_model(model)
@@ -61,13 +72,16 @@ def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -
     use_cache, base_config.use_cache = base_config.use_cache, True
     hits = torch.zeros((), device=accelerator.device)
     total = torch.zeros((), device=accelerator.device)
-    for ids, ref in pairs[accelerator.process_index::accelerator.num_processes]:
+    for (ids, ref), record in pairs[accelerator.process_index::accelerator.num_processes]:
         max_new = len(tokenizer(ref, add_special_tokens=False)["input_ids"]) + 2
         with accelerator.autocast():  # as in training: the k-bit preparation keeps norms in fp32
             out = net.generate(input_ids=torch.tensor([ids], device=accelerator.device), max_new_tokens=max_new,
                                do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                eos_token_id=tokenizer.eos_token_id)
-        hits += tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip() == ref
+        answer = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+        hits += answer == ref
+        if samples is not None and total < n_samples:
+            samples.append({"question": question(record, data.format, cfg), "reference": ref, "generated": answer})
         total += 1
     base_config.use_cache = use_cache
     net.train()
@@ -75,12 +89,13 @@ def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -
     return (hits / total.clamp(min=1)).item()
 
 
-def validate(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig) -> dict[str, float]:
-    """Every validation metric the run config asks for."""
+def validate(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig,
+             samples: Optional[list[dict[str, str]]] = None) -> dict[str, float]:
+    """Every validation metric the run config asks for (and generation samples into `samples`, if given)."""
     metrics = loss_and_perplexity(model, accelerator, data.validation, cfg.train.micro_batch_size,
                                   tokenizer.pad_token_id, cfg.train.chunked_loss)
     if cfg.data.max_eval_generate:
-        em = exact_match(model, accelerator, data, tokenizer, cfg)
+        em = exact_match(model, accelerator, data, tokenizer, cfg, samples)
         if em is not None:
             metrics["eval/exact_match"] = em
     return metrics

@@ -66,21 +66,25 @@ class Tracker:
             self.active = False
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop metric lines written after the checkpoint, so the history equals an uninterrupted run."""
-        if not self.main or not os.path.exists(self.path):
+        """On resume, drop metric and sample lines written after the checkpoint, so the history equals an
+        uninterrupted run."""
+        if not self.main:
             return
-        keep = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line)
-                except ValueError:  # a line cut short by a kill
-                    pass
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        for path in (self.path, os.path.join(os.path.dirname(self.path), "samples.jsonl")):
+            if not os.path.exists(path):
+                continue
+            keep = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= step:
+                            keep.append(line)
+                    except ValueError:  # a line cut short by a kill
+                        pass
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.main:

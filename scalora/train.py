@@ -308,9 +308,23 @@ def _micro_seed(seed: int, step: int, micro_index: int) -> int:
 
 
 def _validate(run: Run, step: int) -> dict[str, float]:
-    metrics = validate(run.model, run.accelerator, run.data, run.tokenizer, run.cfg)
+    """Validation metrics, logged; the first generated answers go to OUTPUT/samples.jsonl at every validation and
+    into the log before training and at the end, so that a user sees what the model says, not only a score."""
+    samples: list[dict[str, str]] = []
+    metrics = validate(run.model, run.accelerator, run.data, run.tokenizer, run.cfg, samples)
     run.tracker.log(metrics, step=step)
     run.log.line(describe(step, metrics))
+    if samples and run.accelerator.is_main_process:
+        import json
+
+        with open(os.path.join(run.cfg.train.output_dir, "samples.jsonl"), "a") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}) + "\n")
+        if step in (0, run.total):
+            for sample in samples:
+                q = sample["question"] if len(sample["question"]) <= 80 else sample["question"][:77] + "..."
+                mark = "=" if sample["generated"] == sample["reference"] else "!="
+                run.log.line(f"  sample: {q!r} -> {sample['generated'][:80]!r} ({mark} {sample['reference'][:80]!r})")
     return metrics
 
 

@@ -52,6 +52,17 @@ def test_train_writes_everything(trained):
     assert abs(sum(window) - summary["train_seconds"]) <= 0.05 * summary["train_seconds"] + 0.05, (window, summary)
     assert window[3] < summary["validation_seconds"] / 3 + summary["checkpoint_seconds"] / 2, (window, summary)
     assert f"{summary['train_seconds']:.1f} s of training" in p.stdout
+    # generation samples: the first 3 validation questions at every validation, in the log before and after
+    from scalora.data import _builtin_file
+
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    first = [json.loads(line)["input"] for line in open(_builtin_file("validation"))][:3]
+    assert [(s["step"], s["question"]) for s in samples] == [(step, q) for step in (0, 3, 6) for q in first]
+    em = {m["step"]: m["eval/exact_match"] for m in metrics if "eval/exact_match" in m}
+    for s in samples:  # a sample's answer agrees with the score (exact match over 4 answers, 3 of them shown)
+        assert em[s["step"]] > 0 if s["generated"] == s["reference"] else em[s["step"]] < 1, s
+    shown = [line for line in p.stdout.splitlines() if line.startswith("  sample: ")]
+    assert len(shown) == 6 and all(repr(q) in line for q, line in zip(first * 2, shown))
     # no frozen base weights in a checkpoint: every tensor in it is the adapter's or its optimizer state's
     ckpt = out / "checkpoints/step-000006"
     tensors = {**load_file(ckpt / "adapter/adapter_model.safetensors"), **load_file(ckpt / "optimizer.safetensors")}

@@ -44,3 +44,20 @@ def test_a_run_without_validation_still_plots():
     fig.canvas.draw()
     assert len(fig.axes) == 1 and [t.get_text() for t in fig.legends[0].get_texts()] == ["train loss"]
     plt.close(fig)
+
+
+def test_resuming_drops_metric_and_sample_lines_written_after_the_checkpoint(tmp_path):
+    """A run killed at step 5 resumes from its step-3 checkpoint: lines of steps 4-5 (and one cut short by the
+    kill) go from metrics.jsonl and samples.jsonl, so the history equals an uninterrupted run's."""
+    import json
+
+    from scalora.tracking import Tracker
+
+    for name, key in (("metrics.jsonl", "train/loss"), ("samples.jsonl", "generated")):
+        lines = [json.dumps({"step": s, key: s}) + "\n" for s in range(6)]
+        (tmp_path / name).write_text("".join(lines) + '{"step": 6, "trunc')
+    tracker = Tracker.__new__(Tracker)
+    tracker.main, tracker.path = True, str(tmp_path / "metrics.jsonl")
+    tracker.truncate_after(3)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert [json.loads(line)["step"] for line in open(tmp_path / name)] == [0, 1, 2, 3], name
