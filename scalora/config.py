@@ -102,6 +102,8 @@ class DataConfig:
     max_length: int = _f(512, "tokens per example (or per packed row)")
     too_long: Literal["truncate", "drop"] = _f("truncate", "what to do with longer examples (counted and reported)")
     packing: bool = _f(False, "pack examples into rows of max_length (no attention across examples)")
+    max_eval_examples: int = _f(0, "validation examples kept (the first N of the validation split, for the loss "
+                                   "and exact match; 0: all)")
     max_eval_generate: int = _f(64, "validation examples scored by exact match of the generated answer (0: off)")
 
 
@@ -260,6 +262,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     p += [f"lora.{problem}" for problem in adapter_problems(lo)]
     if not 0 <= d.validation_fraction < 1:
         p.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
+    for k in ("max_eval_examples", "max_eval_generate"):
+        if getattr(d, k) < 0:
+            p.append(f"data.{k}={getattr(d, k)}: must be >= 0 (0: {'all' if k == 'max_eval_examples' else 'off'})")
     if d.max_length < 8:
         p.append(f"data.max_length={d.max_length}: must be at least 8 tokens")
     if t.lr <= 0:

@@ -380,6 +380,8 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> Datasets:
         train_ds, val_ds = split["train"], split["test"]
     else:
         val_ds = None
+    if val_ds is not None and 0 < cfg.max_eval_examples < len(val_ds):
+        val_ds = val_ds.select(range(cfg.max_eval_examples))
     train = tokenize_split(train_ds, fmt, tokenizer, cfg)
     val = tokenize_split(val_ds, fmt, tokenizer, cfg, keep_records=True) if val_ds is not None else None
     train_rows = pack(train.examples, cfg.max_length) if cfg.packing else train.examples

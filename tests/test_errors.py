@@ -94,7 +94,8 @@ RANGES = {("lora", "r"): [0, -3], ("lora", "lora_alpha"): [0, -1.5], ("lora", "l
           ("train", "global_batch_size"): [0, 15, 7], ("train", "warmup_ratio"): [1.0, -0.5],
           ("train", "max_grad_norm"): [-1], ("data", "max_length"): [0, 7, -100], ("train", "save_every"): [-1],
           ("data", "validation_fraction"): [1.0, -0.2], ("dist", "num_processes"): [0, -2],
-          ("train", "max_steps"): [-5], ("train", "save_total_limit"): [-1]}
+          ("train", "max_steps"): [-5], ("train", "save_total_limit"): [-1], ("data", "max_eval_examples"): [-1],
+          ("data", "max_eval_generate"): [-3]}
 KEYS = [(s, f.name, typing.get_type_hints(cls)[f.name]) for s, cls in SECTIONS.items()
         for f in dataclasses.fields(cls)]
 names = st.text(string.ascii_lowercase + "_", min_size=1, max_size=12)
