@@ -92,9 +92,15 @@ def _head_returns_hidden(head: nn.Module) -> Iterator[None]:
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: Union[bool, str] = False) -> torch.Tensor:
-    """Sum of next-token cross-entropies over labelled tokens (fp32 logits). `chunked`: True, False, "auto"
-    (chunked where the micro-batch's fp32 logits would pass CHUNK_BYTES) or "liger" (liger-kernel's fused version).
-    Where the head's weight is sharded (ZeRO-3), the head runs whole on the hidden states instead.
+    """Sum of next-token cross-entropies over labelled tokens (fp32 logits). `chunked`: False (the plain path: the
+    model's own logits, every position), True, "auto" or "liger" (liger-kernel's fused version).
+
+    With any of the last three, the model runs with its output head passed through, and the head is applied to the
+    labelled positions alone: with the prompt masked most positions carry no loss, and for a large vocabulary the
+    head is a good part of a step (SmolLM2-135M: 576 x 49,152, about a fifth of its matmul work) and its logits the
+    largest tensor. Then chunk by chunk (True; "auto" where those positions' fp32 logits would pass CHUNK_BYTES) or
+    whole. The same loss and gradients as the plain path, to rounding: the rows left out contribute nothing to
+    either. Where the head's weight is sharded (ZeRO-3), the head runs whole on the labelled hidden states.
 
     The labels are shifted, not the logits: in fp32 (CPUs) a sliced view of the logits was copied whole by the
     reshape, one more (B, T-1, V) fp32 tensor, the largest of the step for big vocabularies.
@@ -102,19 +108,34 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: Union[bool, s
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE).reshape(-1)  # (B*T,): token t predicts t+1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     head = _plain_head(_unwrapped(model)) if chunked else None
-    rows_per_chunk = max(1, CHUNK_BYTES // (4 * head.out_features)) if head is not None else 0
-    if head is not None and (chunked in (True, "liger") or labels.numel() > rows_per_chunk):
-        with _head_returns_hidden(head):
-            hidden = model(**inputs).logits  # (B, T, H): the head passed its input through
-        if not sharding.is_sharded(head.weight):  # whole here; FSDP2 keeps the root's parameters whole until backward
-            flat = hidden.reshape(-1, hidden.shape[-1])
-            if chunked == "liger":
-                return _liger_loss_sum(flat, head, labels)
-            return ChunkedLinearCrossEntropy.apply(flat, head.weight, head.bias, labels, rows_per_chunk)
-        logits = head(hidden.to(head.weight.dtype)).float()  # ZeRO-3 released it: the head gathers it, whole logits
-    else:
+    if head is None:
         logits = model(**inputs).logits.float()  # a no-op in fp32; the one upcast copy in bf16 / fp16
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels, ignore_index=IGNORE, reduction="sum")
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels, ignore_index=IGNORE, reduction="sum")
+    keep = labels != IGNORE
+    labels = labels[keep]  # the positions that carry loss
+    rows_per_chunk = max(1, CHUNK_BYTES // (4 * head.out_features))
+    if sharding.is_sharded(head.weight) or chunked == "auto" and labels.numel() <= rows_per_chunk:
+        # The head inside the model's forward (its autocast, a sharded weight's gathering), on those rows only
+        with _head_on_rows(head, keep):
+            logits = model(**inputs).logits.float()  # (rows kept, V)
+        return F.cross_entropy(logits, labels, reduction="sum")
+    with _head_returns_hidden(head):
+        hidden = model(**inputs).logits  # (B, T, H): the head passed its input through
+    hidden = hidden.reshape(-1, hidden.shape[-1])[keep]
+    if chunked == "liger":
+        return _liger_loss_sum(hidden, head, labels)
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows_per_chunk)
+
+
+@contextlib.contextmanager
+def _head_on_rows(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """Inside the block the head computes the logits of the flattened positions `keep` selects, as (rows, V)."""
+    forward = head.forward
+    head.forward = lambda hidden: forward(hidden.reshape(-1, hidden.shape[-1])[keep])
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def _liger_loss_sum(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:

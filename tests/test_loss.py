@@ -72,8 +72,9 @@ def _loss_and_grads(model, batch, chunked, autocast=False):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("chunked", [True, "auto"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_chunked_model_loss_matches_the_plain_path(model, autocast):
+def test_chunked_model_loss_matches_the_plain_path(model, autocast, chunked):
     """A 4-bit Llama with LoRA: the loss and every LoRA gradient as the plain path's (fp32 rounding; bf16 where
     autocast computes the head in bf16, as the plain path does)."""
     ids = tokens(batch=3, length=20, seed=5)
@@ -81,7 +82,7 @@ def test_chunked_model_loss_matches_the_plain_path(model, autocast):
     labels[:, :6] = -100  # a masked prompt
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
     ref, ref_grads = _loss_and_grads(model, batch, False, autocast)
-    got, got_grads = _loss_and_grads(model, batch, True, autocast)
+    got, got_grads = _loss_and_grads(model, batch, chunked, autocast)
     # Only the head and the loss are computed differently (3 stages: the head's sum over the hidden size, the
     # log-sum-exp's over the vocabulary, the tokens'); their error passes unamplified through the backward of the
     # layers below, which both paths compute alike.
@@ -126,3 +127,22 @@ def test_auto_chunks_only_large_logits(model, monkeypatch):
     monkeypatch.setattr(L, "CHUNK_BYTES", 4 * VOCAB * 10)
     L.token_loss_sum(model, batch, "auto")
     assert len(calls) == 1 and calls[0][-1] == 10
+
+
+def test_the_head_runs_on_the_labelled_positions_only(model):
+    """With the prompt masked, the output head sees only the positions whose next token carries loss (auto: 6 of
+    the 3 x 20; the plain path: all 60)."""
+    seen = []
+    head = model.get_base_model().lm_head
+    hook = head.register_forward_hook(  # calls that make logits (not the pass-through of the hidden states)
+        lambda m, i, o: seen.append(o.reshape(-1, VOCAB).shape[0]) if o.shape[-1] == VOCAB else None)
+    try:
+        ids = tokens(batch=3, length=20, seed=5)
+        labels = torch.full_like(ids, -100)
+        labels[:, -2:] = ids[:, -2:]  # a two-token answer after a masked prompt
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+        L.token_loss_sum(model, batch, "auto")
+        L.token_loss_sum(model, batch, False)
+    finally:
+        hook.remove()
+    assert seen == [6, 60]
