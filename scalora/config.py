@@ -163,8 +163,9 @@ class DistConfig:
     num_processes: int = _f(1, "processes to start when launch_config is set")
     threads_per_process: int = _f(0, "CPU threads per process; 0: cores / local processes")
     low_memory_loading: bool = _f(True, "under ZeRO-3 and FSDP, load the base one decoder layer at a time and shard "
-                                        "it at once (each process holds its shard plus one layer); false: every "
-                                        "process loads the whole base before it is sharded")
+                                        "it at once (each process holds its shard plus one layer); in one process "
+                                        "on a CPU, copy each layer out of the checkpoint file and close it (no file "
+                                        "pages left resident); false: transformers' from_pretrained, whole")
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,36 @@ def test_layerwise_loading_of_an_unquantized_base(saved_tiny_models):
     path = saved_tiny_models["qwen2"]
     a, b = _build(cfg, path, torch.bfloat16, False), _build(cfg, path, torch.bfloat16, True)
     assert _assert_same_model(a, b, torch.bfloat16) == 0
+
+
+def _mapped(folder) -> bool:
+    """Whether this process still maps a file of the checkpoint folder (its resident pages count as ours)."""
+    import os
+
+    folder = os.path.realpath(folder)
+    with open("/proc/self/maps") as f:
+        return any(folder in line for line in f)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the one-process layer-by-layer path is the CPU's")
+def test_one_process_on_a_cpu_loads_layer_by_layer_and_keeps_no_file_mapped(saved_tiny_models):
+    """In one process on a CPU the base loads through the layer-by-layer loader (the same model: the tests above),
+    which leaves none of the checkpoint mapped; transformers' from_pretrained (dist.low_memory_loading=false) keeps
+    an fp32 checkpoint mapped through the tensors it did not convert, every page it read resident with them. 8-bit
+    bases keep from_pretrained."""
+    import gc
+
+    from scalora.model import _layerwise_folder
+
+    path = saved_tiny_models["llama"]
+    for overrides, layerwise in (([], True), (["dist.low_memory_loading=false"], False), (["quant.bits=8"], False),
+                                 (["quant.bits=16"], True)):
+        cfg = load_config(None, ["model.dtype=float32", *overrides])
+        assert (_layerwise_folder(cfg, path, None, None) == path) is layerwise, overrides
+    for overrides, mapped in (([], False), (["dist.low_memory_loading=false"], True)):
+        cfg = load_config(None, ["model.dtype=float32", *overrides])
+        model = build_peft_model(cfg, path, dtype=torch.float32)
+        gc.collect()
+        assert _mapped(path) is mapped, overrides
+        del model
+        gc.collect()
