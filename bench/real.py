@@ -1,0 +1,200 @@
+"""scalora against peft + TRL's SFTTrainer on a real model, the same job, quality measured one way for both.
+
+The job (configs/smollm2-135m.yaml): SmolLM2-135M-Instruct (the GGUF file `make fetch-smollm2` fetches, converted
+once into a plain folder), 4-bit NF4 with double quantization, LoRA r=16 / alpha 32 / dropout 0.05 on every linear
+layer, the builtin topics data rendered through the model's chat template (loss on the answer only), global batch 16
+(micro 8, 2 accumulation steps), max length 128, lr 2e-4 with 10% warmup and cosine decay, gradient checkpointing
+(non-reentrant), the same steps, seeds and threads, in fp32 and bf16 (autocast, bf16 compute in the 4-bit layers).
+
+- scalora: `scalora train configs/smollm2-135m.yaml` (validation and checkpoints off during the loop).
+- TRL: what its users write: `BitsAndBytesConfig` NF4, `SFTTrainer(peft_config=LoraConfig(target_modules=
+  "all-linear"))` (which runs peft's `prepare_model_for_kbit_training`), conversational prompt-completion records
+  (loss on the completion only), `SFTConfig(bf16=...)`.
+
+Each run is its own process; its peak resident memory is the kernel's (wait4's ru_maxrss), the same measure for
+both. tokens/s: tokens of the examples trained on (no padding) over the training loop's seconds: scalora's summary
+(validation and checkpoints excluded, none run here), TRL's `train_runtime` and `num_input_tokens_seen`
+("non_padding"). Quality: each run's final adapter loaded by the same code onto the same 4-bit base in fp32 and
+evaluated with scalora's validation (scalora/evaluate.py) on the same 64 held-out conversations: per-token loss on
+the answers, and exact match of greedy answers. Two seeds give the run-to-run noise.
+
+    .venv/bin/python bench/real.py                         # fp32 and bf16, seeds 42 and 43, 30 steps
+    .venv/bin/python bench/real.py --dtypes bfloat16 --seeds 42
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, ROOT)
+
+from common import emit_result, write_results  # noqa: E402
+
+SMOLLM2 = os.environ.get("SCALORA_SMOLLM2", os.path.expanduser("~/.cache/scalora/SmolLM2-135M-Instruct.Q4_1.gguf"))
+CONFIG = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
+
+
+def _cfg(extra=()):
+    from scalora.config import load_config
+
+    return load_config(CONFIG, [f"model.name_or_path={SMOLLM2}", *extra])
+
+
+def run_measured(cmd: list[str], env: dict, what: str) -> tuple[dict, float]:
+    """(the RESULT line's dict or {}, peak resident GiB of the process) for one worker process."""
+    with open(os.path.join(env["BENCH_LOG_DIR"], what.replace(" ", "_") + ".log"), "w") as log:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=ROOT)
+        out = p.stdout.read()
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        log.write(out)
+    if p.returncode:
+        raise RuntimeError(f"{what} failed ({p.returncode}); see {log.name}")
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    return (json.loads(line[-1][len("RESULT "):]) if line else {}), usage.ru_maxrss / 2**20
+
+
+# --- the workers ---------------------------------------------------------------------------------------------------
+def worker_trl(dtype: str, seed: int, steps: int, out: str) -> None:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from scalora.data import instruction_messages, read_records
+    from scalora.model import resolve_model_path
+
+    cfg = _cfg()
+    folder = resolve_model_path(SMOLLM2)
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype))
+    tok = AutoTokenizer.from_pretrained(folder)
+    records = []
+    for r in read_records(cfg.data.train_file):
+        user, answer = instruction_messages(r, cfg.data)
+        records.append({"prompt": [user], "completion": [answer]})
+    t = cfg.train
+    args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=t.micro_batch_size,
+                     gradient_accumulation_steps=t.global_batch_size // t.micro_batch_size, learning_rate=t.lr,
+                     lr_scheduler_type="cosine", warmup_steps=round(t.warmup_ratio * steps), seed=seed,
+                     max_length=cfg.data.max_length, gradient_checkpointing=True,
+                     gradient_checkpointing_kwargs={"use_reentrant": False}, bf16=dtype == "bfloat16",
+                     use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=5,
+                     include_num_input_tokens_seen="non_padding", max_grad_norm=t.max_grad_norm,
+                     dataloader_num_workers=0)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
+                         peft_config=lora)
+    metrics = trainer.train().metrics
+    trainer.save_model(os.path.join(out, "final"))
+    tokens = trainer.state.num_input_tokens_seen
+    emit_result({"tokens": tokens, "seconds": metrics["train_runtime"],
+                 "tokens_per_s": tokens / metrics["train_runtime"], "adapter": os.path.join(out, "final")})
+
+
+def worker_eval(adapter: str) -> None:
+    """One evaluation for every adapter: the 4-bit NF4 base in fp32 + the adapter, scalora's validation."""
+    import torch
+    from accelerate import Accelerator
+
+    from scalora.core.peft_model import PeftModel
+    from scalora.data import build_datasets
+    from scalora.evaluate import validate
+    from scalora.model import freeze_with_fp32_norms, load_base, load_tokenizer, resolve_model_path
+
+    cfg = _cfg(["model.dtype=float32", "data.max_eval_examples=64", "data.max_eval_generate=64"])
+    folder = resolve_model_path(SMOLLM2)
+    tok = load_tokenizer(cfg, folder)
+    base = load_base(cfg, folder, dtype=torch.float32)
+    freeze_with_fp32_norms(base)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    data = build_datasets(cfg.data, tok, cfg.train.seed)
+    metrics = validate(model, Accelerator(cpu=True), data, tok, cfg)
+    emit_result({"eval_loss": metrics["eval/loss"], "exact_match": metrics["eval/exact_match"],
+                 "validation_examples": len(data.validation)})
+
+
+# --- the driver ----------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--seeds", default="42,43")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "real.json"))
+    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/scalora/bench/real"))
+    ap.add_argument("--worker", choices=["trl", "eval"])
+    ap.add_argument("--dtype")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--adapter")
+    args = ap.parse_args()
+    if args.worker == "trl":
+        return worker_trl(args.dtype, args.seed, args.steps, args.adapter)
+    if args.worker == "eval":
+        return worker_eval(args.adapter)
+    if not os.path.isfile(SMOLLM2):
+        sys.exit(f"{SMOLLM2} is missing: run `make fetch-smollm2` first")
+
+    from scalora.hardware import cpu_features, cpu_kind
+    from scalora.model import resolve_model_path
+
+    resolve_model_path(SMOLLM2)  # converted once, before anything is timed
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", BENCH_LOG_DIR=args.workdir)
+    env.pop("WANDB_API_KEY", None)
+    os.makedirs(args.workdir, exist_ok=True)
+    features = cpu_features()
+    kind = f"{cpu_kind(features)} ({', '.join(features['flags'])})"
+    results = {"cpu_kind": kind, "steps": args.steps, "command": " ".join(sys.argv), "runs": []}
+    print(f"CPU kind: {kind}; {args.steps} steps per run", flush=True)
+    for dtype in args.dtypes.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            for stack in ("scalora", "trl"):  # interleaved: a slow moment of a shared machine hits both
+                out = os.path.join(args.workdir, f"{stack}-{dtype}-{seed}")
+                started = time.time()
+                if stack == "scalora":
+                    _, peak = run_measured(
+                        [sys.executable, "-m", "scalora", "train", CONFIG, f"model.name_or_path={SMOLLM2}",
+                         f"model.dtype={dtype}", f"train.seed={seed}", f"train.max_steps={args.steps}",
+                         "train.eval_every=0", "train.save_every=0", "data.max_eval_examples=1",
+                         "data.max_eval_generate=0", "log.report_to=none", "train.overwrite=true",
+                         f"train.output_dir={out}"], env, f"{stack} {dtype} {seed}")
+                    with open(os.path.join(out, "summary.json")) as f:
+                        s = json.load(f)
+                    r = {"tokens": s["train_tokens"], "seconds": s["train_seconds"], "tokens_per_s": s["tokens_per_s"],
+                         "adapter": os.path.join(out, "final")}
+                else:
+                    r, peak = run_measured([sys.executable, __file__, "--worker", "trl", "--dtype", dtype, "--seed",
+                                            str(seed), "--steps", str(args.steps), "--adapter", out], env,
+                                           f"{stack} {dtype} {seed}")
+                q, _ = run_measured([sys.executable, __file__, "--worker", "eval", "--adapter", r["adapter"]], env,
+                                    f"eval {stack} {dtype} {seed}")
+                row = {"stack": stack, "dtype": dtype, "seed": seed, "peak_gib": round(peak, 3), **r, **q,
+                       "wall_s": round(time.time() - started, 1), "cpu_kind": kind}
+                results["runs"].append(row)
+                print(f"  {stack:<8} {dtype:<8} seed {seed}: {r['tokens_per_s']:6.1f} tokens/s ({r['tokens']} tokens "
+                      f"in {r['seconds']:.1f} s), peak {peak:.2f} GiB, eval loss {q['eval_loss']:.4f}, exact match "
+                      f"{q['exact_match']:.1%}  [{kind}]", flush=True)
+                write_results(args.out, results)
+    print("\nratios, scalora / TRL, each seed's pair:")
+    for dtype in args.dtypes.split(","):
+        for seed in map(int, args.seeds.split(",")):
+            a, b = [next(r for r in results["runs"] if (r["stack"], r["dtype"], r["seed"]) == (st, dtype, seed))
+                    for st in ("scalora", "trl")]
+            print(f"  {dtype:<8} seed {seed}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak memory "
+                  f"{a['peak_gib'] / b['peak_gib']:.2f}x, eval loss {a['eval_loss']:.4f} vs {b['eval_loss']:.4f}, "
+                  f"exact match {a['exact_match']:.1%} vs {b['exact_match']:.1%}")
+    write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
