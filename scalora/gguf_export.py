@@ -162,6 +162,19 @@ def _file_beside(path: str):
             os.remove(tmp)
 
 
+def _rope(cfg) -> dict:
+    """The rotary embedding's settings: transformers 5's `rope_parameters` (rope_theta and rope_type inside it), or
+    the older `rope_theta` / `rope_scaling` attributes. SmolLM2's theta is 100,000: a file that fell back to
+    llama.cpp's default 10,000 gave logits 25% away from the merged model's (tests/test_real_model.py)."""
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    if scaling is not rope:
+        rope.update({k: v for k, v in dict(scaling).items() if k not in rope})
+    if "rope_theta" not in rope and getattr(cfg, "rope_theta", None) is not None:
+        rope["rope_theta"] = cfg.rope_theta
+    return rope
+
+
 def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", name: str | None = None) -> dict:
     """Write `model` (a transformers causal LM, e.g. a merged one) and `tokenizer` to `path` as GGUF of type `kind`.
     Returns {gguf tensor name: GGML type name}."""
@@ -175,9 +188,9 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", 
                         "the merged model with `scalora merge` and convert it with llama.cpp's convert_hf_to_gguf.py")
     arch, permute = ARCHITECTURES[cls]
     cfg = model.config
-    if getattr(cfg, "rope_scaling", None) and (cfg.rope_scaling.get("rope_type") or cfg.rope_scaling.get("type")) \
-            not in (None, "default"):
-        raise UserError(f"{cls} with rope scaling {cfg.rope_scaling}: not written by scalora's GGUF export yet; use "
+    rope = _rope(cfg)
+    if (rope.get("rope_type") or rope.get("type")) not in (None, "default"):
+        raise UserError(f"{cls} with rope scaling {rope}: not written by scalora's GGUF export yet; use "
                         "`scalora merge` and llama.cpp's convert_hf_to_gguf.py")
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
@@ -205,7 +218,7 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", 
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
-        w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+        w.add_rope_freq_base(float(rope.get("rope_theta") or 10000.0))
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(head_dim)

@@ -37,7 +37,7 @@ TEXTS = ["Instruction: name the topic of this sentence.\nInput: the river floode
 def _merged(arch: str, tokenizer, tied: bool):
     """A tiny base of `arch` with a random LoRA adapter on every linear layer, merged: (merged, the base alone)."""
     kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=tied,
+              vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=tied, rope_theta=50000.0,
               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
               pad_token_id=tokenizer.pad_token_id)
     config = AutoConfig.for_model(arch, **kw)
