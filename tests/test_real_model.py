@@ -67,24 +67,57 @@ def test_lora_on_the_4bit_real_model_equals_peft(smollm2):
     assert_lora_parity(ours, theirs, _ids(tokenizer))
 
 
-def test_a_few_steps_lower_the_loss_and_the_adapter_loads_in_peft(smollm2, env, tmp_path):
-    folder, tokenizer = smollm2
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(smollm2, env, tmp_path_factory):
+    """A 4-step run of configs/smollm2-135m.yaml from the GGUF file (fp32 compute): (run folder, its stdout)."""
+    out = tmp_path_factory.mktemp("smollm2") / "run"
     p = run(env, "train", "configs/smollm2-135m.yaml", f"model.name_or_path={SMOLLM2}", "train.max_steps=4",
             "train.eval_every=0", "train.save_every=0", "train.warmup_ratio=0", "data.max_eval_examples=16",
             "data.max_eval_generate=0", "log.report_to=none", "model.dtype=float32", f"train.output_dir={out}")
+    return out, p.stdout
+
+
+def _plain(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def test_a_few_steps_lower_the_loss_and_the_adapter_loads_in_peft(smollm2, trained):
+    folder, tokenizer = smollm2
+    out, stdout = trained
     summary = json.loads((out / "summary.json").read_text())
     first, last = summary["first_eval"]["eval/loss"], summary["final_eval"]["eval/loss"]
     assert last < 0.7 * first, (first, last)  # 2.87 -> ~0.5 in 4 steps of lr 2e-4 (a step's noise is far smaller)
-    assert "SmolLM2-135M-Instruct.Q4_1.gguf | 4-bit base" in p.stdout
-
-    from transformers import AutoModelForCausalLM
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf | 4-bit base" in stdout
 
     ids = _ids(tokenizer)
-    plain = lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # noqa: E731
-    ours = scalora.PeftModel.from_pretrained(plain(), str(out / "final")).eval()
-    theirs = peft.PeftModel.from_pretrained(plain(), str(out / "final")).eval()
+    ours = scalora.PeftModel.from_pretrained(_plain(folder), str(out / "final")).eval()
+    theirs = peft.PeftModel.from_pretrained(_plain(folder), str(out / "final")).eval()
     with torch.no_grad():
-        bare = plain()(input_ids=ids).logits
-        assert_rounding_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, logits_rtol(plain()),
+        bare = _plain(folder)(input_ids=ids).logits
+        assert_rounding_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, logits_rtol(_plain(folder)),
                               wrong=bare, what="adapted logits, scalora vs peft (wrong: the base alone)")
+
+
+def test_the_fine_tune_exports_to_gguf_as_merged(smollm2, trained, env):
+    """`scalora export --gguf` of the real fine-tune (f32), read back by transformers' GGUF reader: the logits of
+    `scalora merge`'s folder (both merge the adapter into the de-quantized 4-bit base, as trained) to fp32 rounding,
+    the same token ids for a chat prompt, the same chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, tokenizer = smollm2
+    out, _ = trained
+    run(env, "merge", str(out / "final"), "--out", str(out / "merged"))
+    run(env, "export", str(out / "final"), "--gguf", str(out / "gguf" / "m.gguf"), "--type", "f32")
+    read = AutoModelForCausalLM.from_pretrained(str(out / "gguf"), gguf_file="m.gguf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out / "gguf"), gguf_file="m.gguf")
+    text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert tok(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tok.chat_template == tokenizer.chat_template
+    ids = _ids(tokenizer)
+    merged = _plain(str(out / "merged"))
+    with torch.no_grad():
+        assert_rounding_close(read(input_ids=ids).logits, merged(input_ids=ids).logits, logits_rtol(merged),
+                              wrong=_plain(smollm2[0])(input_ids=ids).logits,
+                              what="GGUF read back vs merged (wrong: the base without the fine-tune)")
