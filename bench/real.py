@@ -154,6 +154,9 @@ def main() -> None:
     os.makedirs(args.workdir, exist_ok=True)
     features = cpu_features()
     kind = f"{cpu_kind(features)} ({', '.join(features['flags'])})"
+    capped = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)]
+    if capped:  # a lower kind's kernels on this CPU: it stands in for that kind, it is not that kind
+        kind += f" with {', '.join(capped)}"
     results = {"cpu_kind": kind, "steps": args.steps, "command": " ".join(sys.argv), "runs": []}
     print(f"CPU kind: {kind}; {args.steps} steps per run", flush=True)
     for dtype in args.dtypes.split(","):
