@@ -11,6 +11,7 @@ checkpoint is just its step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -25,6 +26,7 @@ from .config import RunConfig
 from .core.errors import UserError
 from .data import Datasets, build_datasets, count_loss_tokens, device_batch, needs_block_mask
 from .evaluate import describe, validate
+from .gguf_base import gguf_source
 from .hardware import cpu_features, limit_onednn_cache
 from .loss import token_loss_sum
 from .model import base_folder, build_model, prequantized_storage, run_compute_dtype
@@ -182,8 +184,8 @@ def _total_steps(cfg: RunConfig, n_train: int) -> int:
 def _log_header(run: Run) -> None:
     cfg, data, info, log = run.cfg, run.data, run.info, run.log
     resume = "resuming from " + info["resume_from"] if info["resume_from"] else "new run"
-    base = cfg.model.gguf_file or os.path.basename(info['base_path'] if not cfg.model.name_or_path.lower().endswith(".gguf")
-                                                   else cfg.model.name_or_path)
+    gguf = gguf_source(cfg.model.name_or_path, cfg.model.gguf_file)  # named as given, not as the cache folder
+    base = gguf[1] if gguf else os.path.basename(info["base_path"])
     log.line(f"scalora: {base} | {cfg.quant.bits}-bit base, LoRA r={cfg.lora.r} | "
              f"{data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples "
              f"({data.format}{', packed' if cfg.data.packing else ''}) | {run.accelerator.num_processes} process(es) "
@@ -204,9 +206,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     first_eval = _validate(run, 0) if run.start == 0 and data.validation else {}
     last_eval, eval_step, skipped = dict(first_eval), 0, 0
     tokens_seen, t0, window_tokens, window_t = 0, time.time(), 0, time.time()
-    # Seconds spent validating and writing checkpoints inside the loop: left out of tokens/s (the progress line's
-    # window and the summary's), which measure training alone; the summary reports them beside it.
-    paused = {"validation": 0.0, "checkpoints": 0.0}
+    paused = _Paused()
+    window_paused = 0.0  # paused.total() when the progress window began
     run.model.train()
     for step in range(run.start, run.total):
         rows = [data.train[i] for i in global_batch(step, len(data.train), t.global_batch_size, t.seed)]
@@ -227,39 +228,53 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             now = time.time()
             metrics = {"train/loss": (step_loss / max(1, n_tokens)).item(),
                        "train/lr": run.scheduler.get_last_lr()[0],
-                       "train/tokens_per_s": window_tokens / max(1e-9, now - window_t),
+                       "train/tokens_per_s": window_tokens / max(1e-9, now - window_t - (paused.total() -
+                                                                                          window_paused)),
                        "train/tokens": run.tokens_before + tokens_seen,
                        "train/peak_memory_gb": dist.peak_memory_bytes() / 2**30}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
-            window_tokens, window_t = 0, now
+            window_tokens, window_t, window_paused = 0, now, paused.total()
             run.tracker.log(metrics, step=done)
             log.step(done, metrics)
         else:
             log.tick(done)
         if data.validation and t.eval_every and done % t.eval_every == 0 and done != run.total:
-            started = time.time()
-            last_eval, eval_step = _validate(run, done), done
-            paused["validation"] += time.time() - started
-            window_t += time.time() - started
+            with paused("validation"):
+                last_eval, eval_step = _validate(run, done), done
         stop = run.stopper.requested(run.accelerator)
         if done != run.total and (stop or t.save_every and done % t.save_every == 0):
-            started = time.time()
-            path = _save(run, done, run.tokens_before + tokens_seen, last_eval if eval_step == done else {})
-            paused["checkpoints"] += time.time() - started
-            window_t += time.time() - started
+            with paused("checkpoints"):
+                path = _save(run, done, run.tokens_before + tokens_seen, last_eval if eval_step == done else {})
             if stop:
                 return _stopped(run, done, path)
-    training = time.time() - t0 - sum(paused.values())
+    training = time.time() - t0 - paused.total()
     if data.validation and run.start < run.total:
-        started = time.time()
-        last_eval, eval_step = _validate(run, run.total), run.total
-        paused["validation"] += time.time() - started
+        with paused("validation"):
+            last_eval, eval_step = _validate(run, run.total), run.total
     if run.start < run.total:
+        with paused("checkpoints"):
+            _save(run, run.total, run.tokens_before + tokens_seen, last_eval if eval_step == run.total else {})
+    return _finish(run, tokens_seen, training, paused.seconds, skipped, first_eval, last_eval)
+
+
+class _Paused:
+    """Seconds spent validating and writing checkpoints, by kind: left out of tokens/s (the progress line's window
+    and the summary's), which measure training alone; the summary reports them beside it."""
+
+    def __init__(self) -> None:
+        self.seconds = {"validation": 0.0, "checkpoints": 0.0}
+
+    @contextlib.contextmanager
+    def __call__(self, kind: str):
         started = time.time()
-        _save(run, run.total, run.tokens_before + tokens_seen, last_eval if eval_step == run.total else {})
-        paused["checkpoints"] += time.time() - started
-    return _finish(run, tokens_seen, training, paused, skipped, first_eval, last_eval)
+        try:
+            yield
+        finally:
+            self.seconds[kind] += time.time() - started
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
 
 
 def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[torch.Tensor, Optional[float], int]:
