@@ -166,10 +166,7 @@ def _rope(cfg) -> dict:
     """The rotary embedding's settings: transformers 5's `rope_parameters` (rope_theta and rope_type inside it), or
     the older `rope_theta` / `rope_scaling` attributes. SmolLM2's theta is 100,000: a file that fell back to
     llama.cpp's default 10,000 gave logits 25% away from the merged model's (tests/test_real_model.py)."""
-    rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    scaling = getattr(cfg, "rope_scaling", None) or {}
-    if scaling is not rope:
-        rope.update({k: v for k, v in dict(scaling).items() if k not in rope})
+    rope = {**(getattr(cfg, "rope_scaling", None) or {}), **(getattr(cfg, "rope_parameters", None) or {})}
     if "rope_theta" not in rope and getattr(cfg, "rope_theta", None) is not None:
         rope["rope_theta"] = cfg.rope_theta
     return rope

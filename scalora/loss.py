@@ -100,7 +100,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], chunked: Union[bool, s
     head is a good part of a step (SmolLM2-135M: 576 x 49,152, about a fifth of its matmul work) and its logits the
     largest tensor. Then chunk by chunk (True; "auto" where those positions' fp32 logits would pass CHUNK_BYTES) or
     whole. The same loss and gradients as the plain path, to rounding: the rows left out contribute nothing to
-    either. Where the head's weight is sharded (ZeRO-3), the head runs whole on the labelled hidden states.
+    either. Where the head's weight is sharded (ZeRO-3), the head runs inside the model's forward on those rows, as
+    one piece (no chunks).
 
     The labels are shifted, not the logits: in fp32 (CPUs) a sliced view of the logits was copied whole by the
     reshape, one more (B, T-1, V) fp32 tensor, the largest of the step for big vocabularies.
