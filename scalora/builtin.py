@@ -150,13 +150,17 @@ def _pretrain(model, tokenizer, steps: int = 400, seq: int = 64, batch: int = 16
     model.eval()
 
 
+def cache_root(cache_dir: str | None = None) -> Path:
+    """scalora's cache folder: `cache_dir`, else $SCALORA_CACHE, else ~/.cache/scalora."""
+    return Path(cache_dir or os.environ.get("SCALORA_CACHE", Path.home() / ".cache" / "scalora"))
+
+
 def tiny_llama_path(cache_dir: str | None = None) -> str:
     """Build (once) and return the folder of `builtin:tiny-llama`: a 4-layer Llama pretrained here briefly."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    root = Path(cache_dir or os.environ.get("SCALORA_CACHE", Path.home() / ".cache" / "scalora"))
-    path = root / "tiny-llama-v3"
+    path = cache_root(cache_dir) / "tiny-llama-v3"
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return str(path)
     tokenizer = build_tokenizer()

@@ -31,8 +31,6 @@ from .core.errors import UserError
 MARKER = "scalora_gguf_source.json"  # written last into a converted folder: where it came from
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SCALORA_CACHE", Path.home() / ".cache" / "scalora")) / "gguf"
 
 
 def gguf_source(name_or_path: str, gguf_file: Optional[str]) -> Optional[tuple[str, str]]:
@@ -84,7 +82,9 @@ def plain_folder(source: str, name: str, revision: Optional[str] = None, config_
     first use. With `config_only` (planning needs config.json alone), a folder with config.json only, read from the
     file's metadata, unless the full conversion is already there."""
     file = _local_file(source, name, revision)
-    dest = cache_root() / f"{Path(name).stem}-{_key(file)}"
+    from .builtin import cache_root
+
+    dest = cache_root() / "gguf" / f"{Path(name).stem}-{_key(file)}"
     if (dest / MARKER).is_file():
         return str(dest)
     if config_only:
@@ -101,7 +101,11 @@ def plain_folder(source: str, name: str, revision: Optional[str] = None, config_
 def _config(file: str):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(os.path.dirname(file), gguf_file=os.path.basename(file))
+    return _unquantized(AutoConfig.from_pretrained(os.path.dirname(file), gguf_file=os.path.basename(file)))
+
+
+def _unquantized(config):
+    """`config` without the GGUF quantization transformers records: the folder holds plain weights."""
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
@@ -125,10 +129,7 @@ def _convert(file: str, dest: Path) -> None:
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # the file's quantization is undone: the folder holds plain weights
-        config.save_pretrained(tmp)
+        _unquantized(model.config).save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         state, seen = {}, set()
