@@ -125,9 +125,21 @@ def _export(args: argparse.Namespace) -> int:
               f"on the base's GGUF with llama.cpp (llama-cli -m BASE.gguf --lora {target}) or Ollama (a Modelfile "
               f"with FROM BASE.gguf and ADAPTER {os.path.abspath(target)})")
         return 0
-    merged, tokenizer, how = _merged(args, torch.float32)
-    types = gguf_export.write_gguf(merged, tokenizer, target, args.type)
-    print(f"GGUF written to {target}: base loaded {how}, adapter merged, {len(types)} tensors "
+    from . import streamed
+    from .model import trained_setup
+
+    setup = trained_setup(args.adapter, args.base, args.config, args.full_precision, args.trust_remote_code)
+    reason = streamed.whole_model_reason(setup[0], setup[1], args.adapter)
+    if reason is None:  # one decoder layer held at a time
+        merged = streamed.open_merged(args.adapter, *setup)
+        how = merged.how + ", merged one layer at a time"
+        types = gguf_export.write_gguf_tensors(merged.config, merged.architecture, merged.tokenizer, target,
+                                               args.type, merged.keys, merged.tensors)
+    else:
+        model, tokenizer, how = _merged(args, torch.float32)
+        how += f", merged whole ({reason})"
+        types = gguf_export.write_gguf(model, tokenizer, target, args.type)
+    print(f"GGUF written to {target}: base loaded {how}, {len(types)} tensors "
           f"({gguf_export.describe(types)}); run it with llama.cpp (llama-cli -m {target}) or Ollama (a Modelfile "
           f"with FROM {os.path.abspath(target)})")
     return 0

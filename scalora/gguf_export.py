@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import tempfile
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -128,10 +129,30 @@ def _qtype(kind: str, shape: tuple[int, ...]):
     return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[kind]
 
 
+_CHUNK = 1 << 22  # elements converted at once: a tensor's fp32 copy and the quantizer's temporaries stay ~16 MB each
+
+
 def _convert(t: torch.Tensor, qtype) -> np.ndarray:
+    """`t` (any float dtype) as the bytes of GGML type `qtype`, converted a block of rows at a time, so that beside
+    the result only one block's fp32 copy and conversion temporaries exist (the gguf package's Q8_0 quantizer makes
+    several full-size temporaries: measured 1.20 GiB peak for SmolLM2's export in one piece)."""
     from gguf import GGMLQuantizationType as Q, quants
 
-    data = t.detach().to(torch.float32).contiguous().numpy()
+    t = t.detach()
+    if t.dim() < 2 or t.numel() <= _CHUNK:
+        return _convert_rows(t, qtype, quants, Q)
+    step = max(1, _CHUNK // t.shape[-1] // int(np.prod(t.shape[1:-1]) or 1))
+    out = None
+    for start in range(0, t.shape[0], step):
+        part = _convert_rows(t[start:start + step], qtype, quants, Q)
+        if out is None:
+            out = np.empty((t.shape[0], *part.shape[1:]), dtype=part.dtype)
+        out[start:start + step] = part
+    return out
+
+
+def _convert_rows(t: torch.Tensor, qtype, quants, Q) -> np.ndarray:
+    data = t.to(torch.float32).contiguous().numpy()
     if qtype == Q.F32:
         return data
     if qtype == Q.F16:
@@ -173,18 +194,29 @@ def _rope(cfg) -> dict:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", name: str | None = None) -> dict:
-    """Write `model` (a transformers causal LM, e.g. a merged one) and `tokenizer` to `path` as GGUF of type `kind`.
-    Returns {gguf tensor name: GGML type name}."""
+    """Write `model` (a transformers causal LM held whole, e.g. a merged one) and `tokenizer` to `path` as GGUF of
+    type `kind`. Returns {gguf tensor name: GGML type name}."""
+    state = model.state_dict()
+    return write_gguf_tensors(model.config, type(model).__name__, tokenizer, path, kind,
+                              [(k, tuple(t.shape)) for k, t in state.items()],
+                              lambda wanted: ((k, t) for k, t in state.items() if k in wanted), name)
+
+
+def write_gguf_tensors(cfg, cls: str, tokenizer, path: str, kind: str, keys: list[tuple[str, tuple[int, ...]]],
+                       tensors: Callable[[set[str]], Iterable[tuple[str, torch.Tensor]]],
+                       name: str | None = None) -> dict:
+    """Write a model of transformers class `cls` given as its config, its (state-dict key, shape) list and
+    `tensors(wanted)`, which yields (key, tensor) for the wanted keys in `keys`' order, one at a time (a streamed
+    merge, scalora/streamed.py, holds one layer). The header and tensor table are written from the shapes first,
+    then each tensor converted and written as it comes. Returns {gguf tensor name: GGML type name}."""
     import gguf
 
     if kind not in TYPES:
         raise UserError(f"--type {kind}: choose one of {', '.join(TYPES)}")
-    cls = type(model).__name__
     if cls not in ARCHITECTURES:
         raise UserError(f"{cls} cannot be exported to GGUF by scalora (it writes {', '.join(ARCHITECTURES)}); export "
                         "the merged model with `scalora merge` and convert it with llama.cpp's convert_hf_to_gguf.py")
     arch, permute = ARCHITECTURES[cls]
-    cfg = model.config
     rope = _rope(cfg)
     if (rope.get("rope_type") or rope.get("type")) not in (None, "default"):
         raise UserError(f"{cls} with rope scaling {rope}: not written by scalora's GGUF export yet; use "
@@ -193,15 +225,13 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", 
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    state = model.state_dict()
     plan = []  # (gguf name, hf name, shape, qtype)
-    for key, t in state.items():
+    for key, shape in keys:
         if tied and key == "lm_head.weight":
             continue  # llama.cpp reads a tied head from token_embd
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise UserError(f"{key} of {cls} has no GGUF name in llama.cpp's {arch} architecture")
-        shape = tuple(t.shape)
         plan.append((target, key, shape, _qtype(kind, shape)))
 
     with _file_beside(path) as tmp:
@@ -225,9 +255,15 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", 
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for target, key, shape, qtype in plan:  # one tensor converted at a time
-            t = _llama_rows(key, state[key], n_head, n_kv) if permute else state[key]
+        stream = iter(tensors({key for _, key, _, _ in plan}))
+        for target, key, shape, qtype in plan:  # one tensor converted at a time, in the table's order
+            got, t = next(stream, (None, None))
+            if got != key or tuple(t.shape) != shape:
+                raise RuntimeError(f"GGUF export: expected {key} {shape} next, got {got}")
+            if permute:
+                t = _llama_rows(key, t, n_head, n_kv)
             w.write_tensor_data(_convert(t, qtype))
+            del t
         w.close()
     return {target: qtype.name for target, _, _, qtype in plan}
 

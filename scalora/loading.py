@@ -194,6 +194,22 @@ class LayerwiseLoader:
                 (m._parameters if a in m._parameters else m._buffers)[a] = new
         del tensors
 
+    def fill(self, unit: Optional[int], device: torch.device) -> None:
+        """Fill one unit: decoder layer `unit`, or with None what is outside the layers."""
+        self._fill(self.units.get(unit, []), device)
+
+    def release(self, unit: Optional[int]) -> None:
+        """Put a filled unit's tensors back on the meta device, so that its memory is freed (a streamed merge,
+        scalora/streamed.py): the holders are the only references the loader's filling made."""
+        for holders, _, _, _ in self.units.get(unit, []):
+            module, attr = holders[0]
+            old = getattr(module, attr)
+            meta = torch.empty(old.shape, dtype=old.dtype, device="meta")
+            new = nn.Parameter(meta, requires_grad=False) if isinstance(old, nn.Parameter) else meta
+            for m, a in holders:
+                (m._parameters if a in m._parameters else m._buffers)[a] = new
+        return_freed_memory()
+
     def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None) -> None:
         """Fill every decoder layer, calling `shard_layer(i)` after layer i, then the rest."""
         for i in range(self.n_layers):
@@ -201,3 +217,26 @@ class LayerwiseLoader:
             if shard_layer is not None:
                 shard_layer(i)
         self._fill(self.units.get(None, []), device)
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed since the last call back to the OS (glibc's malloc_trim; nothing elsewhere). glibc keeps
+    freed blocks in its heaps, and layer after layer of differently sized tensors leaves them fragmented: measured
+    on SmolLM2-135M's streamed GGUF export (Intel Xeon with AMX), resident memory grew 0.57 -> 0.72 GiB over the 30
+    layers with 74 MB of live tensors throughout, and stayed at 0.51 GiB with a trim after each layer."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC.malloc_trim  # noqa: B018 - glibc only (musl and macOS have none)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

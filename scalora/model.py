@@ -311,19 +311,19 @@ def run_config_of(adapter_dir: str) -> Optional[str]:
     return None
 
 
-def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Optional[str] = None,
-                    full_precision: bool = False, trust_remote_code: bool = False):
-    """(base + adapter for inference, tokenizer, run config, what was loaded): the base the way the run trained it
-    (quantization and compute dtype from the run's config beside the adapter, or `config`), so that outputs are
-    the trained model's; with `full_precision` (or no run config to be found) the original weights in fp32."""
+def trained_setup(adapter_dir: str, base: Optional[str] = None, config: Optional[str] = None,
+                  full_precision: bool = False, trust_remote_code: bool = False):
+    """(run config, base folder, compute dtype, what will be loaded) for the base an adapter was trained on: the
+    quantization and compute dtype from the run's config beside the adapter (or `config`); with `full_precision` (or
+    no run config to be found) the original weights in fp32. The adapter's files are checked first, so a damaged
+    adapter is named before any base is read."""
     from .config import load_config
 
     from .core.adapter_io import read_tensors
     from .core.lora_config import WEIGHTS_NAME, resolve_adapter_file
 
-    limit_onednn_cache()  # prompts of every length: new bf16 matmul shapes, as in training
     adapter_cfg = LoraConfig.from_pretrained(adapter_dir)
-    read_tensors(resolve_adapter_file(adapter_dir, WEIGHTS_NAME))  # a damaged adapter is named before the base loads
+    read_tensors(resolve_adapter_file(adapter_dir, WEIGHTS_NAME))
     run_yaml = config or run_config_of(adapter_dir)
     overrides = [f"model.trust_remote_code={str(trust_remote_code).lower()}"] if trust_remote_code else []
     if full_precision or run_yaml is None:
@@ -340,10 +340,15 @@ def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Option
         raise UserError(f"{adapter_dir}/adapter_config.json names no base model: pass --base PATH")
     gguf_file = cfg.model.gguf_file if name == cfg.model.name_or_path else None
     path = resolve_model_path(name, gguf_file=gguf_file, revision=cfg.model.revision)
-    dtype = run_compute_dtype(cfg, path)[0]
+    return cfg, path, run_compute_dtype(cfg, path)[0], how
+
+
+def load_as_trained(adapter_dir: str, base: Optional[str] = None, config: Optional[str] = None,
+                    full_precision: bool = False, trust_remote_code: bool = False):
+    """(base + adapter for inference, tokenizer, run config, what was loaded): the base as `trained_setup` says,
+    so that outputs are the trained model's."""
+    limit_onednn_cache()  # prompts of every length: new bf16 matmul shapes, as in training
+    cfg, path, dtype, how = trained_setup(adapter_dir, base, config, full_precision, trust_remote_code)
     model = load_base(cfg, path, device_map={"": "cuda:0"} if torch.cuda.is_available() else None, dtype=dtype)
     freeze_with_fp32_norms(model)
-    from .core.peft_model import PeftModel
-
     return PeftModel.from_pretrained(model, adapter_dir).eval(), load_tokenizer(cfg, path), cfg, how
-

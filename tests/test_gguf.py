@@ -297,3 +297,103 @@ def test_adapter_file_applied_as_llama_cpp_applies_it_gives_the_merged_weights(t
         unfolded = plain[t] + alpha / r * (raw @ a.double()).float()
         close(applied, merged[t], rounding_rtol(r, 2), wrong=unfolded,
               what=f"{arch} {t}: base + adapter file as llama.cpp applies it (wrong: B unscaled, alpha / r)")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_streamed_export_equals_the_whole_model_merge_and_holds_one_layer(tmp_path, dtype):
+    """`scalora export --gguf` merges one decoder layer at a time (scalora/streamed.py). On a 4-bit NF4 base as
+    trained (its run config: quantization, compute dtype) with a tied head and LoRA on every linear layer: every
+    tensor of the file equals, bit for bit, what the whole-model path writes (load as trained, de-quantize all,
+    merge_and_unload, write_gguf), and while the stream runs at most one decoder layer of the base is on a real
+    device (the others on the meta device), none after it. The whole-model file against the base alone shows the
+    comparison sees the adapter."""
+    import argparse
+    import contextlib
+    import io
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    from scalora import cli, gguf_export, streamed
+    from scalora.core.lora import LoraLayer
+    from scalora.model import trained_setup
+
+    tokenizer = bpe_tokenizer()
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                  max_position_embeddings=256, tie_word_embeddings=True, rope_theta=50000.0,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = scalora.get_peft_model(base, scalora.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    randomize_lora(model)
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "run.yaml").write_text(f"model:\n  name_or_path: {tmp_path / 'base'}\n  dtype: {dtype}\n"
+                                       "quant:\n  bits: 4\n")
+    args = argparse.Namespace(adapter=str(tmp_path / "adapter"), base=None, config=str(tmp_path / "run.yaml"),
+                              full_precision=False, trust_remote_code=False)
+
+    setup = trained_setup(args.adapter, None, args.config)
+    assert streamed.whole_model_reason(setup[0], setup[1], args.adapter) is None
+    merged = streamed.open_merged(args.adapter, *setup)
+    held = []
+
+    def filled_layers():
+        count = 0
+        for unit, entries in merged._units:
+            tensors = [(h.base_layer.weight if isinstance(h, LoraLayer) else getattr(h, a)) for _, h, a in entries]
+            count += unit is not None and any(not t.is_meta for t in tensors)
+        return count
+
+    def watched(wanted):
+        for item in merged.tensors(wanted):
+            held.append(filled_layers())
+            yield item
+        held.append(filled_layers())
+
+    gguf_export.write_gguf_tensors(merged.config, merged.architecture, merged.tokenizer, str(tmp_path / "s.gguf"),
+                                   "f32", merged.keys, watched)
+    assert max(held) == 1 and held[-1] == 0 and len(held) > 3 * 9
+    whole, tok, _ = cli._merged(args, torch.float32)
+    gguf_export.write_gguf(whole, tok, str(tmp_path / "w.gguf"), "f32")
+    gguf_export.write_gguf(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tok, str(tmp_path / "b.gguf"), "f32")
+    ours, ref, bare = (GGUFReader(str(tmp_path / f)) for f in ("s.gguf", "w.gguf", "b.gguf"))
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    differs = set()
+    for a, b, c in zip(ours.tensors, ref.tensors, bare.tensors):
+        assert np.array_equal(a.data, b.data), a.name
+        if not np.array_equal(b.data, c.data):
+            differs.add(a.name)
+    adapted = {t.name for t in ref.tensors if len(t.shape) == 2 and t.name.startswith("blk.")}
+    assert len(adapted) == 3 * 7 and adapted <= differs  # (bf16: the norms' and embedding's rounding differs too)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(["export", args.adapter, "--gguf", str(tmp_path / "cli.gguf"), "--type", "f32",
+                         "--config", args.config]) == 0
+    assert "one layer at a time" in out.getvalue()
+    assert (tmp_path / "cli.gguf").read_bytes() == (tmp_path / "s.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0"])
+def test_conversion_by_blocks_of_rows_gives_the_same_bytes(monkeypatch, kind):
+    """The writer converts a large tensor a block of rows at a time (bounded temporaries); with blocks of 3 rows
+    (uneven: the last block is short) the bytes equal those of the tensor converted in one piece, from a bf16
+    tensor (the dtype an embedding is loaded in) as from fp32."""
+    from scalora import gguf_export
+
+    t = torch.randn(10, 64)
+    qtype = gguf_export._qtype(kind, tuple(t.shape))
+    for source in (t, t.bfloat16()):
+        whole = gguf_export._convert(source, qtype)
+        monkeypatch.setattr(gguf_export, "_CHUNK", 3 * 64)
+        blocks = gguf_export._convert(source, qtype)
+        monkeypatch.setattr(gguf_export, "_CHUNK", 1 << 22)
+        assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
+        assert blocks.tobytes() == whole.tobytes()
