@@ -6,8 +6,10 @@ architecture, so that llama.cpp reads the file as it reads its own. Tensors are 
 into a file opened beside the target and renamed onto it at the end: no half-written OUT.gguf is ever left.
 
 Supported here (others are refused by name, with what to do):
-- architectures: Llama and Mistral (written as llama.cpp's `llama`), Qwen2 (`qwen2`); no rope scaling;
-- tokenizers: byte-level BPE (GPT-2's, SmolLM's, Llama-3's, Qwen2's pre-tokenizers), what `tokenizer.json` holds;
+- architectures: Llama and Mistral (written as llama.cpp's `llama`), Qwen2 (`qwen2`); rope without scaling, with
+  linear scaling, or Llama 3.1's `llama3` scaling (llama.cpp's `rope_freqs` tensor); others refused;
+- tokenizers: byte-level BPE (GPT-2's, SmolLM's, Llama-3's, Qwen2's pre-tokenizers) and SentencePiece BPE with byte
+  fallback (Llama 2's, Mistral v0.1's), from what `tokenizer.json` holds;
 - types: f32, f16, bf16 (2-D weights; norms stay f32, as llama.cpp's converter keeps 1-D tensors), q8_0 (2-D weights
   whose rows are a multiple of its 32-element block; others f16, as llama.cpp's converter falls back).
 """
@@ -61,18 +63,102 @@ def _pre_tokenizer(tok_json: dict) -> str:
                     "convert it with llama.cpp's convert_hf_to_gguf.py")
 
 
+def _special_ids(writer, tokenizer) -> None:
+    for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            add(int(token_id))
+    ids = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _merge_pairs(model: dict) -> list[tuple[str, str]]:
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+
+
+def _space_prefix(tok_json: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text (llama.cpp's add_space_prefix), from
+    the two forms it takes: a Metaspace pre-tokenizer (prepend_scheme "first" / "always": yes, "never": no), or
+    the older normalizer Prepend("▁") + Replace(" ", "▁") (Llama 2's and Mistral v0.1's files)."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    norm = tok_json.get("normalizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("replacement") == "▁" and not pre.get("split", True) \
+            and not norm:
+        return pre.get("prepend_scheme", "always") != "never"
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    kinds = [(s.get("type"), s.get("prepend") or s.get("content")) for s in steps]
+    if not pre and kinds in ([("Prepend", "▁"), ("Replace", "▁")], [("Replace", "▁")]):
+        return kinds[0][0] == "Prepend"
+    raise UserError(f"the SentencePiece-style tokenizer splits text in a way scalora does not write to GGUF "
+                    f"(pre-tokenizer {json.dumps(pre)[:200]}, normalizer {json.dumps(norm)[:200]}); export the merged "
+                    "model with `scalora merge` and convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _sentencepiece_metadata(writer, tokenizer, tok_json: dict, vocab_size: int) -> None:
+    """llama.cpp's `llama` tokenizer model (SentencePiece BPE with byte fallback: Llama 2, Mistral v0.1) from the
+    tokenizer.json transformers converted it into. llama.cpp merges, among adjacent pieces, the pair whose joined
+    piece has the highest score, and transformers' GGUF reader rebuilds its merges the same way; a SentencePiece BPE
+    vocabulary's scores rank pieces by the merge that makes them. tokenizer.json keeps that order as its merge list,
+    so a piece's score here is minus the rank of the first merge that makes it (single characters, bytes and
+    special tokens, which no merge makes: 0). Byte pieces <0xXX> are llama.cpp's BYTE tokens."""
+    import gguf
+
+    model = tok_json["model"]
+    space_prefix = _space_prefix(tok_json)
+    rank: dict[str, int] = {}
+    for k, (a, b) in enumerate(_merge_pairs(model)):
+        rank.setdefault(a + b, k)
+    added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    unk = tokenizer.unk_token_id
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        elif i == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+        # a multi-character piece no merge makes (unreachable by the BPE) is ranked after every merge
+        scores.append(-float(rank[t]) if t in rank else 0.0 if len(t) == 1 or i in added or types[-1] !=
+                      gguf.TokenType.NORMAL else -float(len(rank) + i))
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(space_prefix)
+    _special_ids(writer, tokenizer)
+
+
 def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
-    """tokenizer.ggml.*: llama.cpp's `gpt2` model (byte-level BPE) as its converter writes it."""
+    """tokenizer.ggml.*, as llama.cpp's converter writes them: its `gpt2` model for byte-level BPE, its `llama` model
+    for SentencePiece BPE with byte fallback."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok_json = json.loads(backend.to_str()) if backend is not None else {}
     model = tok_json.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _sentencepiece_metadata(writer, tokenizer, tok_json, vocab_size)
+    if model.get("type") != "BPE":
         kind = model.get("type") or type(tokenizer).__name__
-        fallback = " with byte fallback (SentencePiece-style)" if model.get("byte_fallback") else ""
-        raise UserError(f"the tokenizer is {kind}{fallback}: scalora writes GGUF tokenizers for byte-level BPE only (Llama-3, Qwen2, SmolLM, GPT-2 "
-                        "style). Export the merged model with `scalora merge` and convert it with llama.cpp's "
+        raise UserError(f"the tokenizer is {kind}: scalora writes GGUF tokenizers for byte-level BPE (Llama-3, "
+                        "Qwen2, SmolLM, GPT-2 style) and SentencePiece BPE with byte fallback (Llama 2, Mistral "
+                        "v0.1). Export the merged model with `scalora merge` and convert it with llama.cpp's "
                         "convert_hf_to_gguf.py")
     pre = _pre_tokenizer(tok_json)
     added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
@@ -86,22 +172,12 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for name, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        token_id = getattr(tokenizer, f"{name}_token_id", None)
-        if token_id is not None:
-            add(int(token_id))
-    ids = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
-    writer.add_add_eos_token(tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id])
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    writer.add_token_merges([" ".join(m) for m in _merge_pairs(model)])
+    _special_ids(writer, tokenizer)
 
 
 def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -193,6 +269,18 @@ def _rope(cfg) -> dict:
     return rope
 
 
+def _rope_freq_factors(cfg, rope: dict, head_dim: int) -> torch.Tensor:
+    """llama.cpp's `rope_freqs` tensor for Llama 3.1's rope scaling: per frequency, the factor llama.cpp divides
+    the rotation angle by, i.e. the unscaled inverse frequency over the scaled one. The scaled ones are
+    transformers' own (its "llama3" rope function, what the model trained with), so the file rotates as the model
+    did; llama.cpp's converter computes the same ratio from the config's formula."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta = float(rope.get("rope_theta") or 10000.0)
+    plain = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)  # as transformers
+    return plain / ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0].float()  # 1 where unscaled, the factor where scaled
+
+
 def write_gguf(model: torch.nn.Module, tokenizer, path: str, kind: str = "f16", name: str | None = None) -> dict:
     """Write `model` (a transformers causal LM held whole, e.g. a merged one) and `tokenizer` to `path` as GGUF of
     type `kind`. Returns {gguf tensor name: GGML type name}."""
@@ -218,14 +306,19 @@ def write_gguf_tensors(cfg, cls: str, tokenizer, path: str, kind: str, keys: lis
                         "the merged model with `scalora merge` and convert it with llama.cpp's convert_hf_to_gguf.py")
     arch, permute = ARCHITECTURES[cls]
     rope = _rope(cfg)
-    if (rope.get("rope_type") or rope.get("type")) not in (None, "default"):
-        raise UserError(f"{cls} with rope scaling {rope}: not written by scalora's GGUF export yet; use "
-                        "`scalora merge` and llama.cpp's convert_hf_to_gguf.py")
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise UserError(f"{cls} with {rope_type} rope scaling ({rope}): scalora's GGUF export writes none, linear "
+                        "and llama3 (Llama 3.1's) scaling; use `scalora merge` and llama.cpp's convert_hf_to_gguf.py")
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    rope_freqs = _rope_freq_factors(cfg, rope, head_dim) if rope_type == "llama3" else None
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    plan = []  # (gguf name, hf name, shape, qtype)
+    plan = []  # (gguf name, hf name, shape, qtype); hf name None: a tensor computed here
+    if rope_freqs is not None:  # first, as llama.cpp's converter writes it
+        plan.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, tuple(rope_freqs.shape),
+                     _qtype("f32", tuple(rope_freqs.shape))))
     for key, shape in keys:
         if tied and key == "lm_head.weight":
             continue  # llama.cpp reads a tied head from token_embd
@@ -249,14 +342,20 @@ def write_gguf_tensors(cfg, cls: str, tokenizer, path: str, kind: str, keys: lis
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(head_dim)
+        if rope_type == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope["factor"]))
         _tokenizer_metadata(w, tokenizer, cfg.vocab_size)
         for target, _, shape, qtype in plan:
             w.add_tensor_info(target, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        stream = iter(tensors({key for _, key, _, _ in plan}))
+        stream = iter(tensors({key for _, key, _, _ in plan if key is not None}))
         for target, key, shape, qtype in plan:  # one tensor converted at a time, in the table's order
+            if key is None:
+                w.write_tensor_data(_convert(rope_freqs, qtype))
+                continue
             got, t = next(stream, (None, None))
             if got != key or tuple(t.shape) != shape:
                 raise RuntimeError(f"GGUF export: expected {key} {shape} next, got {got}")

@@ -143,3 +143,33 @@ def bpe_tokenizer():
                                    pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def sentencepiece_tokenizer(prepend_scheme: str = "first", form: str = "metaspace"):
+    """A SentencePiece-style BPE tokenizer as transformers holds Llama 2's and Mistral v0.1's (transformers'
+    LlamaTokenizer: "▁" for spaces and before the text, byte fallback to the 256 <0xXX> pieces, <unk> <s> </s>),
+    its vocabulary learned here on the builtin corpus and its merges derived from the vocabulary's order as
+    transformers derives a SentencePiece model's (generate_merges). A chat template as the bpe one. `form`: the "▁"
+    put in by a Metaspace pre-tokenizer (transformers 5's LlamaTokenizer) or by a Prepend + Replace normalizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from scalora.builtin import CHAT_TEMPLATE, pretraining_corpus
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(pretraining_corpus(), trainer)
+    vocab = tok.get_vocab()
+    merges = generate_merges(vocab, {t: -float(i) for t, i in vocab.items()})
+    out = LlamaTokenizer(vocab=vocab, merges=merges, add_prefix_space=prepend_scheme != "never", add_bos_token=True)
+    if form == "normalizer":  # the older form of Llama 2's and Mistral v0.1's tokenizer.json
+        from tokenizers import normalizers
+
+        out.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                                 normalizers.Replace(" ", "\u2581")])
+        out.backend_tokenizer.pre_tokenizer = None
+    out.chat_template = CHAT_TEMPLATE
+    return out

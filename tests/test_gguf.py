@@ -172,6 +172,46 @@ def test_tokenizer_and_chat_template_come_back(exported, arch):
         (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
 
 
+SPM_TEXTS = TEXTS + ["caf\u00e9 \u00fcber na\u00efve \u4e2d\u6587 \U0001f600", "  two leading spaces\tand a tab\n\nlines"]
+
+
+@pytest.mark.parametrize("arch,form", [("llama", "metaspace"), ("mistral", "normalizer")])
+def test_sentencepiece_tokenizer_comes_back(tmp_path, arch, form):
+    """A SentencePiece-style tokenizer (Llama 2's, Mistral v0.1's form: "▁", byte fallback) written as llama.cpp's
+    `llama` tokenizer model: transformers' GGUF reader rebuilds it from the tokens and scores alone (no merges in
+    the file, as llama.cpp's converter writes none) and gives the same ids for the same text, byte-fallback
+    characters, leading spaces and tabs included; the special tokens and chat template come back; the file's logits
+    are the merged model's (fp32 to rounding). The scores carry the merge order: with llama.cpp's placeholder
+    score for every piece (its converter's -1000 when it has no tokenizer.model), the rebuilt tokenizer splits some
+    of the same texts differently. Both forms tokenizer.json takes ("▁" from a Metaspace pre-tokenizer or from a
+    Prepend + Replace normalizer, Llama 2's); transformers' reader rebuilds the Metaspace form, which puts no "▁"
+    before text that already starts with a space, so text starting with spaces is compared for that form only
+    (llama.cpp follows SentencePiece, the normalizer form: bench/llama_cpp_check.py)."""
+    from gguf import GGUFReader
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from helpers import sentencepiece_tokenizer
+    from scalora.gguf_export import write_gguf
+
+    tokenizer = sentencepiece_tokenizer(form=form)
+    merged, _ = _merged(arch, tokenizer, tied=arch == "llama")
+    write_gguf(merged, tokenizer, str(tmp_path / "m.gguf"), "f32")
+    fields = GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.merges" not in fields
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    for text in SPM_TEXTS if form == "metaspace" else [t for t in SPM_TEXTS if not t[0].isspace()]:
+        assert theirs(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    assert (theirs.bos_token, theirs.eos_token, theirs.unk_token) == ("<s>", "</s>", "<unk>")
+    assert theirs.chat_template == tokenizer.chat_template
+    ids = tokenizer(SPM_TEXTS[2], return_tensors="pt")["input_ids"]
+    got = _logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32), ids)
+    assert_rounding_close(got, _logits(merged, ids), logits_rtol(merged), what="f32 file against the merged model")
+    vocab = tokenizer.get_vocab()
+    flat = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, {t: -1000.0 for t in vocab}), add_bos_token=True)
+    assert any(flat(t)["input_ids"] != tokenizer(t)["input_ids"] for t in SPM_TEXTS)  # measured: 2 of the 4
+
+
 def test_greedy_generation_is_the_same_in_f32_and_f16(exported):
     files, models, tokenizer = exported
     ids = tokenizer(TEXTS[:1], return_tensors="pt")["input_ids"]
@@ -397,3 +437,66 @@ def test_conversion_by_blocks_of_rows_gives_the_same_bytes(monkeypatch, kind):
         monkeypatch.setattr(gguf_export, "_CHUNK", 1 << 22)
         assert blocks.dtype == whole.dtype and blocks.shape == whole.shape
         assert blocks.tobytes() == whole.tobytes()
+
+
+def _llama_cpp_rope_factors(rope: dict, head_dim: int) -> list[float]:
+    """llama.cpp's converter's formula for Llama 3.1's rope_freqs (convert_hf_to_gguf.py, LlamaModel), written out
+    from its published form: a reference independent of transformers' rope function that scalora's export uses."""
+    theta = rope["rope_theta"]
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def test_rope_scaling_is_written_as_llama_cpp_reads_it(tmp_path):
+    """Llama 3.1's rope scaling ("llama3") as llama.cpp's `rope_freqs` tensor (angles divided by it): its values are
+    the unscaled inverse frequencies over the model's own (transformers' rotary embedding) to fp32 rounding, and
+    llama.cpp's converter's formula gives them too; the test's shape covers the three regimes (unscaled, smoothed,
+    scaled by the factor), so a missing tensor (all 1) or a plain factor everywhere falls outside. Linear scaling is
+    llama.cpp's rope.scaling.type / factor; scaling llama.cpp's llama architecture does not take the same way (yarn,
+    dynamic) is refused by name. Checked by llama.cpp itself in bench/llama_cpp_formats.py."""
+    from gguf import GGUFReader
+
+    from scalora.gguf_export import write_gguf
+
+    tokenizer = bpe_tokenizer()
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 50000.0}
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=len(tokenizer), max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", rope_scaling=rope, **kw)).eval()
+    write_gguf(model, tokenizer, str(tmp_path / "l3.gguf"), "f16")
+    tensors = {t.name: t for t in GGUFReader(str(tmp_path / "l3.gguf")).tensors}
+    factors = torch.from_numpy(tensors["rope_freqs.weight"].data.copy())
+    assert tensors["rope_freqs.weight"].tensor_type.name == "F32" and factors.shape == (8,)
+    plain = 1.0 / 50000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    ours = plain / factors  # the inverse frequencies llama.cpp rotates with
+    theirs = model.model.rotary_emb.inv_freq.float()
+    tol = 4 * torch.finfo(torch.float32).eps  # two roundings (the ratio, then the division back) of fp32 values
+    assert torch.allclose(ours, theirs, rtol=tol, atol=0)
+    assert torch.allclose(factors, torch.tensor(_llama_cpp_rope_factors(rope, 16)), rtol=tol, atol=0)
+    assert set(factors.tolist()) >= {1.0, 8.0} and ((factors > 1) & (factors < 8)).any()  # all three regimes
+    for wrong in (torch.ones(8), torch.full((8,), 8.0)):
+        assert not torch.allclose(plain / wrong, theirs, rtol=1e-3)
+
+    linear = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", rope_scaling={"rope_type": "linear", "factor": 2.0}, **kw)).eval()
+    write_gguf(linear, tokenizer, str(tmp_path / "lin.gguf"), "f16")
+    fields = GGUFReader(str(tmp_path / "lin.gguf")).fields
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 2.0
+    yarn = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}, **kw))
+    with pytest.raises(UserError, match="yarn rope scaling"):
+        write_gguf(yarn, tokenizer, str(tmp_path / "yarn.gguf"), "f16")
