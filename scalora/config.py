@@ -117,6 +117,8 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps; 0: from epochs")
     lr: float = _f(2e-4, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
+    loraplus_lr_ratio: float = _f(0.0, "LoRA+: lora_B's learning rate (and 1-D parameters') = this x train.lr, as "
+                                  "peft's create_loraplus_optimizer groups them (the paper suggests 16); 0: off")
     warmup_ratio: float = _f(0.03, "share of steps spent warming up")
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "learning-rate schedule after warmup")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "torch AdamW or bitsandbytes 8-bit")
@@ -282,6 +284,9 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     for k in ("log_every", "eval_every", "save_every", "save_total_limit"):
         if getattr(t, k) < 0:
             p.append(f"train.{k}={getattr(t, k)}: must be >= 0")
+    if t.loraplus_lr_ratio < 0:
+        p.append(f"train.loraplus_lr_ratio={t.loraplus_lr_ratio}: must be >= 0 (0 turns LoRA+ off; the LoRA+ paper "
+                 "uses 16)")
     if t.max_grad_norm < 0:
         p.append(f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 turns clipping off)")
     if cfg.dist.num_processes < 1:

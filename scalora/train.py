@@ -45,14 +45,43 @@ def global_batch(step: int, n: int, G: int, seed: int) -> list[int]:
     return epoch_order(n, seed, epoch)[k * G:(k + 1) * G]
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: RunConfig):
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig):
+    """AdamW (torch's or bitsandbytes' 8-bit) over the model's trainable parameters; with LoRA+
+    (`train.loraplus_lr_ratio` > 0) in the groups of `loraplus_groups`. The schedule scales every group alike."""
     t = cfg.train
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    import bitsandbytes as bnb
+        cls = torch.optim.AdamW
+    else:
+        import bitsandbytes as bnb
 
-    cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+        cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    if not t.loraplus_lr_ratio:
+        return cls([p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay)
+    return cls(loraplus_groups(model, t.lr, t.loraplus_lr_ratio, t.weight_decay), lr=t.lr,
+               weight_decay=t.weight_decay)
+
+
+def loraplus_groups(model: torch.nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict[str, Any]]:
+    """LoRA+'s parameter groups (arXiv 2402.12354) by peft's rule (`create_loraplus_optimizer`): a trainable
+    parameter named lora_B, or any 1-D one, is in B at lr x ratio, the rest in A at lr; in B, biases and the
+    weights of nn.LayerNorm modules take no weight decay (peft: transformers' get_parameter_names with
+    ALL_LAYERNORM_LAYERS). scalora wraps no embeddings, so peft's embedding group never arises; empty groups are
+    left out."""
+    layernorm = {f"{m_name}.{p_name}" if m_name else p_name
+                 for m_name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+                 for p_name, _ in m.named_parameters(recurse=False)}
+    a, b, b_no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_B" in name or p.ndim == 1:
+            (b_no_decay if "bias" in name or name in layernorm else b).append(p)
+        else:
+            a.append(p)
+    groups = [{"params": a, "lr": lr, "weight_decay": weight_decay},
+              {"params": b, "lr": lr * ratio, "weight_decay": weight_decay},
+              {"params": b_no_decay, "lr": lr * ratio, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def make_scheduler(optimizer, cfg: RunConfig, total: int):
@@ -142,7 +171,7 @@ def setup(cfg: RunConfig) -> Run:
         data = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     total = _total_steps(cfg, len(data.train))
     trainable, all_params = model.get_nb_trainable_parameters()  # before sharding splits them
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them

@@ -363,3 +363,52 @@ def test_shared_dropout_masks_siblings_once(saved_tiny_models):
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("arch,saved", [("llama", "model.norm"), ("gpt2", "ln_f")])
+def test_loraplus_groups_are_peft_s(arch, saved):
+    """LoRA+ (`train.loraplus_lr_ratio`): every trainable parameter gets the learning rate and weight decay that
+    peft's create_loraplus_optimizer gives it, on a model with LoRA on every linear layer and a trained whole module
+    (an RMSNorm, 1-D and decayed; GPT-2's nn.LayerNorm, 1-D and not decayed): lora_B at ratio x lr, lora_A at lr."""
+    import peft
+    from peft.optimizers import create_loraplus_optimizer
+
+    from scalora.config import load_config
+    from scalora.train import make_optimizer
+
+    cfg = load_config(None, ["train.lr=1e-3", "train.loraplus_lr_ratio=16", "train.weight_decay=0.1"])
+    ours = scalora.get_peft_model(tiny_model(arch), scalora.LoraConfig(r=4, target_modules="all-linear",
+                                                                       modules_to_save=[saved]))
+    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=4, target_modules="all-linear",
+                                                                   modules_to_save=[saved]))
+
+    def settings(model, optimizer):
+        by_id = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+        return {n: by_id[id(p)] for n, p in model.named_parameters() if p.requires_grad}
+
+    got = settings(ours, make_optimizer(ours, cfg))
+    want = settings(theirs, create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                                      loraplus_weight_decay=0.1))
+    assert got == want
+    assert {v for k, v in got.items() if "lora_B" in k} == {(1.6e-2, 0.1)}
+    assert {v for k, v in got.items() if "lora_A" in k} == {(1e-3, 0.1)}
+    assert len(set(got.values())) == (2 if arch == "llama" else 3)  # GPT-2's LayerNorm: B without decay
+
+
+def test_loraplus_run_moves_lora_b_ratio_times_as_far(env, tmp_path):
+    """`scalora train` with train.loraplus_lr_ratio=16, one step from the same start as a run without: lora_B starts
+    at zero and lora_A gets no gradient in the first step (B = 0), so the step moves only B, by lr x m / (sqrt(v) +
+    eps) elementwise: ~lr for every element whose gradient is far above AdamW's eps (1e-8). B's change is then 16x
+    the plain run's, to the share of elements with a gradient near eps (bounded here by 1%); A stays where both
+    runs started."""
+    from helpers import adapter, run, train_args
+
+    common = ["train.max_steps=1", "train.eval_every=0", "train.save_every=0", "train.warmup_ratio=0",
+              "lora.lora_dropout=0"]
+    run(env, *train_args(tmp_path / "plain", *common))
+    run(env, *train_args(tmp_path / "plus", *common, "train.loraplus_lr_ratio=16"))
+    plain, plus = adapter(tmp_path / "plain"), adapter(tmp_path / "plus")
+    b_keys = [k for k in plain if "lora_B" in k]
+    assert b_keys and all(torch.equal(plain[k], plus[k]) for k in plain if "lora_A" in k)
+    ratio = torch.cat([plus[k].flatten() for k in b_keys]).norm() / torch.cat([plain[k].flatten() for k in b_keys]).norm()
+    assert ratio.item() == pytest.approx(16, rel=1e-2)
