@@ -57,7 +57,7 @@ RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger t
     "smol135m": (16, 8, 128, 2),  # the real-model job's batch (issue 27): 16 rows of up to 128 tokens
 }
 BEST = ["model.liger_kernel=true", "train.chunked_loss=liger", "model.compile=true"]  # scalora-best: GPU levers
-PACK, COMPILE = ["data.packing=true"], ["model.compile=true"]
+PACK, COMPILE, DORA = ["data.packing=true"], ["model.compile=true"], ["lora.use_dora=true"]
 # peft's LoRA path: torch's dropout, a mask per layer, peft's order of operations
 TORCH_DROPOUT = ["train.fast_dropout=false", "train.shared_dropout=false", "train.fused_lora=false"]
 STACKS = {  # name: (which loop, run-config overrides on top of the shared settings)
@@ -69,6 +69,9 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     "scalora-pad-sdpa": ("scalora", ["model.attn_implementation=sdpa"]),
     "scalora-compile": ("scalora", PACK + COMPILE), "scalora-best": ("scalora", PACK + BEST),
     "peft": ("peft", []), "peft-pack": ("peft", PACK), "trainer": ("trainer", []),
+    # DoRA (lora.use_dora): scalora's against its own LoRA step and against the peft loop with use_dora=True
+    "scalora-dora-pad": ("scalora", DORA), "scalora-dora-pack": ("scalora", PACK + DORA),
+    "peft-dora": ("peft", DORA),
 }
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 2e-4
@@ -192,7 +195,8 @@ def _hf_setup(a):
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.train.seed)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+                                             target_modules="all-linear", task_type="CAUSAL_LM",
+                                             use_dora=cfg.lora.use_dora))
     return cfg, tok, model, device
 
 
@@ -420,7 +424,7 @@ def measure(stack: str, size: str, model: str, data: str, threads: int, live: bo
     resident peak is the live peak (what CUDA's max_memory_allocated is on a GPU); steps are slower then."""
     out = f"/tmp/scalora-bench-{stack}-{size}"
     cmd = [sys.executable, __file__, "--worker", stack, "--size", size, "--model", model, "--data", data,
-           "--out", out, "--threads", str(threads)]
+           "--out", out, "--threads", str(threads), "--lora-dropout", str(LORA["dropout"])]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     if live:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -443,7 +447,10 @@ def main() -> None:
                     "scalora-best added, failures reported and skipped")
     ap.add_argument("--worker"), ap.add_argument("--size"), ap.add_argument("--model"), ap.add_argument("--data")
     ap.add_argument("--out")
+    ap.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="LoRA dropout of every stack "
+                    "(DoRA with dropout computes the base's product again on the dropped input, as peft does)")
     a = ap.parse_args()
+    LORA["dropout"] = a.lora_dropout
     if a.worker:
         a.stack = a.worker
         return worker(a)

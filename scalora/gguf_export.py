@@ -401,6 +401,10 @@ def write_gguf_adapter(model: torch.nn.Module, path: str, kind: str = "f32", ada
     if modules_to_save:
         raise UserError(f"the adapter also trains whole modules ({modules_to_save}), which a GGUF LoRA file cannot "
                         "hold: export the merged model (`scalora export ADAPTER --gguf OUT.gguf`)")
+    if getattr(model.peft_config[adapter_name], "use_dora", False):
+        raise UserError("a DoRA adapter rescales each output of the merged weight, which a GGUF LoRA file (W + "
+                        "alpha / r * B A) cannot hold: export the merged model (`scalora export ADAPTER --gguf "
+                        "OUT.gguf`)")
     alpha = float(model.peft_config[adapter_name].lora_alpha)
     plan = []  # (gguf name, tensor)
     for module_name, module in base.named_modules():

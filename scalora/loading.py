@@ -210,13 +210,19 @@ class LayerwiseLoader:
                 (m._parameters if a in m._parameters else m._buffers)[a] = new
         return_freed_memory()
 
-    def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None) -> None:
-        """Fill every decoder layer, calling `shard_layer(i)` after layer i, then the rest."""
+    def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None,
+             filled: Optional[Callable[[Optional[int]], None]] = None) -> None:
+        """Fill every decoder layer, calling `filled(i)` (DoRA's magnitudes: scalora/core/lora.py
+        init_dora_magnitudes) and then `shard_layer(i)` after layer i, then the rest (`filled(None)`)."""
         for i in range(self.n_layers):
             self._fill(self.units.get(i, []), device)
+            if filled is not None:
+                filled(i)
             if shard_layer is not None:
                 shard_layer(i)
         self._fill(self.units.get(None, []), device)
+        if filled is not None:
+            filled(None)
 
 
 def return_freed_memory() -> None:

@@ -235,8 +235,11 @@ def build_peft_model(cfg: RunConfig, path: str, device_map: Any = None, dtype: O
     if cfg.train.fused_lora:
         use_fused_lora(peft_model)
     if folder is not None:
+        from .core.lora import init_dora_magnitudes
+
         layers = decoder_layers(model)
-        loader.load(device or torch.device("cpu"), (lambda i: shard_layer(layers[i])) if shard_layer else None)
+        loader.load(device or torch.device("cpu"), (lambda i: shard_layer(layers[i])) if shard_layer else None,
+                    filled=lambda i: init_dora_magnitudes(layers[i] if i is not None else model))
     if cfg.model.compile:
         compile_layers(model, dynamic=None if cfg.data.packing else True)
     return peft_model

@@ -76,13 +76,12 @@ def _shape(holder: nn.Module, attr: str) -> tuple[int, ...]:
 
 
 def _value(holder: nn.Module, attr: str) -> torch.Tensor:
-    """The tensor, merged (fp32): a LoRA layer's weight is its de-quantized base weight plus each active adapter's
-    scaling * B @ A (LoraLayer.merge's sum, in the same order); a quantized layer without LoRA is de-quantized."""
+    """The tensor, merged (fp32): a LoRA layer's weight is its de-quantized base weight with each active adapter
+    merged in (LoraLayer.merged_weight, what merge computes: LoRA's sum, DoRA's rescaling); a quantized layer without
+    LoRA is de-quantized."""
     if isinstance(holder, LoraLayer):
-        w = quant.dense_weight(holder.base_layer)
-        for name in holder.active_adapters:
-            if name in holder.lora_A:
-                w = w + holder.delta_weight(name).to(w.device)
+        w = holder.merged_weight(quant.dense_weight(holder.base_layer),
+                                 [n for n in holder.active_adapters if n in holder.lora_A])
         if not torch.isfinite(w).all():
             raise UserError("refusing to write a non-finite merged weight: the adapter holds NaN or inf values "
                             "(check the training run that produced it)")

@@ -260,14 +260,16 @@ def adapter(finished, tmp_path_factory):
     return finished / "final"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign bytes", "not json config", "no peft_type", "dora config"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign bytes", "not json config", "no peft_type",
+                                    "lora_bias config"])
 @pytest.mark.parametrize("command", ["merge", "generate"])
 def test_damaged_adapters_are_named(scalora_here, adapter, tmp_path, damage, command):
     bad = tmp_path / "adapter"
     shutil.copytree(adapter, bad)
     weights, config = bad / "adapter_model.safetensors", bad / "adapter_config.json"
     expected = {"truncated": "adapter_model.safetensors", "foreign bytes": "adapter_model.safetensors",
-                "not json config": "not valid JSON", "no peft_type": "no peft_type", "dora config": "use_dora=True"}
+                "not json config": "not valid JSON", "no peft_type": "no peft_type",
+                "lora_bias config": "lora_bias=True"}
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "foreign bytes":
@@ -276,7 +278,7 @@ def test_damaged_adapters_are_named(scalora_here, adapter, tmp_path, damage, com
         config.write_text("{not json")
     else:
         c = json.loads(config.read_text())
-        c.pop("peft_type") if damage == "no peft_type" else c.update(use_dora=True)
+        c.pop("peft_type") if damage == "no peft_type" else c.update(lora_bias=True)
         config.write_text(json.dumps(c))
     cmd = ["merge", str(bad), "--out", str(tmp_path / "m")] if command == "merge" else \
         ["generate", str(bad), "--prompt", "hello", "--config", str(adapter.parent / "config.yaml")]

@@ -106,8 +106,8 @@ def test_adapter_for_another_model_is_refused(tmp_path):
 def test_missing_folder_and_unsupported_features(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scalora.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "nope"))
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}))
-    with pytest.raises(ValueError, match="use_dora=True"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_bias": True}))
+    with pytest.raises(ValueError, match="lora_bias=True"):
         scalora.LoraConfig.from_pretrained(str(tmp_path))
 
 

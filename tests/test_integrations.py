@@ -252,9 +252,9 @@ def test_peft_config_accepted_and_peft_only_attributes_refused(base_path):
     cfg = ours.peft_config["default"]
     assert isinstance(cfg, scalora.LoraConfig) and (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.05)
     assert sorted(cfg.target_modules) == ["q_proj", "v_proj"]
-    with pytest.raises(ValueError, match="use_dora=True"):
+    with pytest.raises(ValueError, match="lora_bias=True"):
         scalora.get_peft_model(AutoModelForCausalLM.from_pretrained(base_path),
-                               peft.LoraConfig(target_modules=["q_proj"], use_dora=True))
+                               peft.LoraConfig(target_modules=["q_proj"], lora_bias=True))
     assert not hasattr(ours, "get_layer_status")  # peft's, not scalora's: refused, not run on scalora's layers
     with pytest.raises(AttributeError, match="belongs to peft's PeftModel and is not part of scalora"):
         ours.get_layer_status()

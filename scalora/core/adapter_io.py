@@ -30,7 +30,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> 
     """File key -> model state-dict key, for every tensor that belongs to `adapter_name`.
 
     File keys are the model keys with the adapter name removed: `...q_proj.lora_A.default.weight` is stored as
-    `...q_proj.lora_A.weight`; a `modules_to_save` copy `...lm_head.modules_to_save.default.weight` as
+    `...q_proj.lora_A.weight` (DoRA's `...lora_magnitude_vector.default.weight` as `...lora_magnitude_vector`); a `modules_to_save` copy `...lm_head.modules_to_save.default.weight` as
     `...lm_head.weight`; trained biases keep their key.
     """
     out: dict[str, str] = {}
@@ -38,6 +38,8 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> 
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             for part in ("lora_A", "lora_B"):
                 out[f"{name}.{part}.weight"] = f"{name}.{part}.{adapter_name}.weight"
+            if adapter_name in module.lora_magnitude_vector:  # peft's file key for DoRA's magnitude: no ".weight"
+                out[f"{name}.lora_magnitude_vector"] = f"{name}.lora_magnitude_vector.{adapter_name}.weight"
             if config.bias == "lora_only" and module.base_layer.bias is not None:
                 out[f"{name}.base_layer.bias"] = f"{name}.base_layer.bias"
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:

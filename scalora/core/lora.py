@@ -7,6 +7,16 @@ in peft's order of operations (peft's numbers), or, after `use_fused_lora`, as
 
 `lora_A` / `lora_B` are fp32 `nn.Linear`s kept per adapter name in `ModuleDict`s, so a wrapped layer's parameters are
 `base_layer.weight`, `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`, as in peft.
+
+DoRA (`use_dora=True`, arXiv 2402.09353, as peft computes it) adds a trained magnitude m per output,
+`lora_magnitude_vector.<adapter>.weight`, initialised to the row norms of W + scaling * B A, and computes
+
+    y = base(x) + (m / n - 1) * W x' + (m / n) * scaling * B A x',   n = ||W + scaling * B A|| per row, detached,
+
+with x' = dropout(x) (W x' is the base's output without bias when there is no dropout, a second product with the
+de-quantized W otherwise), i.e. the output of m * (W + scaling * B A) / n on x' plus the base's own output minus
+W x'. Here n is computed from B.weight @ A.weight directly (peft runs lora_B(lora_A(eye(in))), an in x in product,
+so that FSDP's hooks fire; scalora's FSDP2 unshards the whole decoder layer before its forward).
 """
 
 from __future__ import annotations
@@ -202,6 +212,8 @@ class LoraLayer(Wrapper):
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.dora_pending: set[str] = set()  # DoRA magnitudes still to compute (a base on the meta device)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -217,8 +229,10 @@ class LoraLayer(Wrapper):
         return self.active_adapters[0]
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_lora_weights: Union[bool, str], use_rslora: bool) -> None:
-        """Add (or replace) one adapter on this layer."""
+                     init_lora_weights: Union[bool, str], use_rslora: bool, use_dora: bool = False) -> None:
+        """Add (or replace) one adapter on this layer. DoRA's magnitude is the row norms of W + scaling * B A; on a
+        base still on the meta device (loaded layer by layer, scalora/loading.py) it is computed by
+        `init_dora_magnitudes` once the layer's weights are in (`dora_pending` until then)."""
         device = _param_device(self.base_layer)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -228,8 +242,62 @@ class LoraLayer(Wrapper):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+        self.dora_pending.discard(adapter_name)
+        if use_dora:
+            if quant.linear_weight_is_meta(self.base_layer):
+                self.lora_magnitude_vector[adapter_name] = DoraMagnitude(
+                    torch.zeros(self.out_features, device=device, dtype=torch.float32))
+                self.dora_pending.add(adapter_name)
+            else:
+                self.init_dora_magnitude(adapter_name)
         if not self.active_adapters:
             self.active_adapters = [adapter_name]
+
+    # --- DoRA -------------------------------------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight de-quantized to fp32 as (out, in), whatever the base's layout."""
+        w = quant.dense_weight(self.base_layer)
+        return w.T if self.fan_in_fan_out else w
+
+    def dora_norm(self, adapter_name: str, w: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """||W + scaling * B A|| of each output row, fp32, out of autograd (W: `dense_weight()` unless given)."""
+        with torch.no_grad():
+            w = self.dense_weight() if w is None else w
+            a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            return torch.linalg.vector_norm(w + self.scaling[adapter_name] * (b.float() @ a.float()), dim=1)
+
+    def init_dora_magnitude(self, adapter_name: str) -> None:
+        norm = self.dora_norm(adapter_name)
+        if adapter_name in self.lora_magnitude_vector:
+            with torch.no_grad():
+                self.lora_magnitude_vector[adapter_name].weight.copy_(norm)
+        else:
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
+        self.dora_pending.discard(adapter_name)
+
+    def _dora_term(self, name: str, h: torch.Tensor, result: torch.Tensor, dropped: bool) -> torch.Tensor:
+        """DoRA's addition to `result` for adapter `name`, from the LoRA input `h` (dropout applied): (m / n - 1) *
+        W h + (m / n) * scaling * B A h, with W h read off `result` (minus the bias) when there is no dropout."""
+        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+        w = self.dense_weight()
+        scale = (self.lora_magnitude_vector[name].weight / self.dora_norm(name, w)).view(1, -1)
+        bias = getattr(self.base_layer, "bias", None)
+        if not dropped:
+            base = result if bias is None else result - bias
+        elif quant.is_4bit(self.base_layer):
+            # the base's product on the dropped input through bitsandbytes' own 4-bit matmul, which keeps the packed
+            # weight for backward (F.linear with the de-quantized W, peft's, keeps that fp32 copy: a layer's worth
+            # of memory per layer); the same numbers in its compute dtype
+            del w
+            out = self.base_layer(h)
+            base = out if bias is None else out - bias
+        else:  # peft's F.linear with W (a plain fp32 weight goes in as itself; 8-bit: its de-quantized copy, as
+            # bitsandbytes' int8 matmul would also round the input to int8)
+            base = F.linear(h, w.to(h.dtype))
+        lora = lora_B(lora_A(h))
+        return (scale - 1) * base + scale * lora * self.scaling[name]
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         if init_lora_weights is False:
@@ -270,6 +338,19 @@ class LoraLayer(Wrapper):
             inp = x if keep else x.to(lora_A.weight.dtype)
             share = self.__dict__.get("dropout_share")
             dropout = self.lora_dropout[name]
+            if name in self.lora_magnitude_vector:
+                if name in self.dora_pending:
+                    raise RuntimeError(f"DoRA adapter {name!r}: its magnitude was never computed (the base was on "
+                                       "the meta device; call init_dora_magnitudes after loading it)")
+                if result.shape != out_shape:
+                    result = result.view(out_shape)
+                in_place = False
+                dropped = not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0
+                h, factor = _drop(dropout, inp)
+                if factor != 1.0:
+                    h = h * factor
+                result = result + self._dora_term(name, h, result, dropped)
+                continue
             h, factor, a = share(dropout, x, inp, name, self) if share is not None else (*_drop(dropout, inp), None)
             if not self.fused:  # peft's order of operations, so peft's numbers to the last bit
                 if factor != 1.0:
@@ -301,29 +382,58 @@ class LoraLayer(Wrapper):
         delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def merged_weight(self, w: torch.Tensor, names: Iterable[str], base: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """`w` (fp32, the base's layout) with the adapters `names` merged in turn, as peft merges them: LoRA adds
+        scaling * B A; DoRA makes (m / n) * (w + scaling * B A) with n the row norms over the unmerged base weight
+        `base` (default: `w`), as its forward computes them. Records each DoRA adapter's n for `unmerge`."""
+        base = w if base is None else base
+        for name in names:
+            delta = self.delta_weight(name).to(w.device)
+            if name in self.lora_magnitude_vector:
+                norm = self.dora_norm(name, base.T if self.fan_in_fan_out else base)
+                self.__dict__.setdefault("_dora_norms", {})[name] = norm
+                factor = (self.lora_magnitude_vector[name].weight.detach().float() / norm).view(-1, 1)
+                w = (factor.T if self.fan_in_fan_out else factor) * (w + delta)
+            else:
+                w = w + delta
+        return w
+
     def merge(self, safe_merge: bool = True, adapter_names: Optional[Iterable[str]] = None) -> None:
-        """Add the adapters into the base weight. Non-finite results are always refused (`safe_merge` is implied)."""
+        """Merge the adapters into the base weight. Non-finite results are always refused (`safe_merge` is
+        implied)."""
         names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in
                  self.merged_adapters]
         if not names:
             return
         w = quant.dense_weight(self.base_layer)
-        for name in names:
-            w = w + self.delta_weight(name).to(w.device)
-        quant.set_dense_weight(self.base_layer, w)
+        base = self._unmerged(w) if self.merged_adapters else w
+        quant.set_dense_weight(self.base_layer, self.merged_weight(w, names, base))
         self.merged_adapters.extend(names)
+
+    def _unmerged(self, w: torch.Tensor) -> torch.Tensor:
+        """`w` with the merged adapters taken out in reverse order (DoRA's with the norms it merged with)."""
+        for name in reversed(self.merged_adapters):
+            delta = self.delta_weight(name).to(w.device)
+            if name in self.lora_magnitude_vector:
+                norm = self.__dict__["_dora_norms"][name]
+                factor = (self.lora_magnitude_vector[name].weight.detach().float() / norm).view(-1, 1)
+                w = w / (factor.T if self.fan_in_fan_out else factor) - delta
+            else:
+                w = w - delta
+        return w
 
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w = quant.dense_weight(self.base_layer)
-        for name in reversed(self.merged_adapters):
-            w = w - self.delta_weight(name).to(w.device)
+        w = self._unmerged(quant.dense_weight(self.base_layer))
         quant.set_dense_weight(self.base_layer, w, what="unmerged")
         self.merged_adapters = []
 
     def delete_adapter(self, adapter_name: str) -> None:
-        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling):
+        self.dora_pending.discard(adapter_name)
+        for d in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling,
+                  self.lora_magnitude_vector):
             if adapter_name in d:
                 del d[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -336,10 +446,26 @@ class LoraLayer(Wrapper):
             on = name in names and trainable
             self.lora_A[name].requires_grad_(on)
             self.lora_B[name].requires_grad_(on)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].requires_grad_(on)
         self.active_adapters = names
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
+        dora = f", dora={sorted(self.lora_magnitude_vector)}" if self.lora_magnitude_vector else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}{dora}"
+
+
+def init_dora_magnitudes(module: nn.Module) -> int:
+    """Compute the DoRA magnitudes left pending in `module`'s LoRA layers (their base was on the meta device when
+    the adapter was added): called by the layer-by-layer loader once a decoder layer's weights are in, before the
+    layer is sharded, so no process ever holds more than that layer de-quantized. Returns how many."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, LoraLayer):
+            for name in list(m.dora_pending):
+                m.init_dora_magnitude(name)
+                n += 1
+    return n
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -378,6 +504,14 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._current()(*args, **kwargs)
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude vector of one adapter (peft's `lora_magnitude_vector.<adapter>`, the vector its `weight`)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
 
 
 def _param_device(module: nn.Module) -> torch.device:

@@ -33,7 +33,6 @@ class TaskType(str, enum.Enum):
 # Fields that peft writes into adapter_config.json and that scalora does not implement. The value beside each is the
 # one under which the field changes nothing: a file carrying it loads; a file asking for the feature is refused.
 _PEFT_FEATURES_OFF: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "trainable_token_indices": None,
@@ -117,6 +116,9 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "which biases train"})
     use_rslora: bool = field(default=False, metadata={"help": "scaling = lora_alpha / sqrt(r)"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "modules trained in full and saved"})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: each output's weight split into a trained magnitude and the direction of W + scaling * B A "
+                "(the norm taken as a constant in backward, as the DoRA paper and peft do)"})
     init_lora_weights: Union[bool, Literal["gaussian"]] = field(
         default=True, metadata={"help": "True: Kaiming A, zero B; 'gaussian': N(0, 1/r) A, zero B; False: random"}
     )

@@ -56,7 +56,7 @@ class LoraModel(Wrapper):
             alpha = targets.pattern_value(config.alpha_pattern, key, config.lora_alpha)
             layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
             layer.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                               config.use_rslora)
+                               config.use_rslora, config.use_dora)
             if layer is not module:
                 _set_submodule(self.model, key, layer)
             matched.append(key)
@@ -187,10 +187,8 @@ class LoraModel(Wrapper):
                 if merge and dequantize and (quant.is_4bit(base) or quant.is_8bit(base)):
                     module.unmerge()  # start from the base as loaded, not from a re-quantized merge
                     base = quant.to_full_precision(module.base_layer, dtype or torch.float32)
-                    w = base.weight.data.float()
-                    for name in adapter_names or module.active_adapters:
-                        w = w + module.delta_weight(name).to(w.device)
-                    quant.set_dense_weight(base, w)
+                    names = [n for n in adapter_names or module.active_adapters if n in module.lora_A]
+                    quant.set_dense_weight(base, module.merged_weight(base.weight.data.float(), names))
                 elif merge:
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 _set_submodule(self.model, key, base)

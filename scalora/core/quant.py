@@ -82,6 +82,12 @@ def keep_4bit_weights_plain(model: nn.Module) -> int:
     return n
 
 
+def linear_weight_is_meta(layer: nn.Module) -> bool:
+    """Whether the layer's weight is still on the meta device (a skeleton loaded layer by layer later)."""
+    w = getattr(layer, "weight", None)
+    return w is not None and w.is_meta
+
+
 def keeps_no_output(layer: nn.Module) -> bool:
     """Whether the layer's backward needs none of its forward output (`nn.Linear` itself, bitsandbytes 4-bit and
     8-bit: their autograd functions keep inputs and weights only), so that a sum may add into that output in place.

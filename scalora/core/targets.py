@@ -51,9 +51,27 @@ def pattern_value(pattern: dict, key: str, default):
     return default
 
 
+def _linear_layers(model: nn.Module) -> list[str]:
+    """Full names of the model's linear layers: a LoRA layer counts as the layer it wraps, and what is inside it
+    (its base layer, its lora_A / lora_B) does not (a second adapter's 'all-linear' finds the same layers as the
+    first, as in peft)."""
+    from .lora import LoraLayer
+
+    out, inside = [], ()
+    for name, m in model.named_modules():
+        if not name or (inside and name.startswith(inside)):
+            continue
+        if isinstance(m, LoraLayer):
+            out.append(name)
+            inside = (*inside, name + ".")
+        elif quant.is_wrappable(m):
+            out.append(name)
+    return out
+
+
 def all_linear_suffixes(model: nn.Module) -> list[str]:
     """Last name component of every linear layer except the output head (peft's 'all-linear')."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if quant.is_wrappable(m) and name}
+    names = {name.rsplit(".", 1)[-1] for name in _linear_layers(model)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         names -= {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if m is head}
@@ -86,12 +104,11 @@ def is_target(key: str, config: LoraConfig, targets: Union[str, list[str]]) -> b
 
 
 def linear_names_hint(model: nn.Module, limit: int = 30) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if quant.is_wrappable(m) and name})[
-        :limit]
+    return sorted({name.rsplit(".", 1)[-1] for name in _linear_layers(model)})[:limit]
 
 
 def no_match_error(config: LoraConfig, model: nn.Module) -> ValueError:
-    examples = [name for name, m in model.named_modules() if quant.is_wrappable(m) and name][:5]
+    examples = _linear_layers(model)[:5]
     return ValueError(
         f"target_modules={config.target_modules!r} matched no module of the model"
         + (f" (exclude_modules={config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})"

@@ -1,0 +1,307 @@
+"""DoRA (`use_dora=True`) against peft's on tiny transformers models: the magnitude's initialisation, logits and
+every gradient (lora_A, lora_B, magnitude) on plain, GPT-2 Conv1D, 4-bit and 8-bit bases, with and without
+dropout; adapter files both ways; merging (several adapters, unmerge, merge_and_unload) as peft merges.
+
+Tolerances as the LoRA parity tests' (tests/tolerance.py: the logits' and gradients' fp32 rounding); the wrong
+result each comparison must exclude: the same A and B as plain LoRA (DoRA's rescaling lost), or the base alone.
+"""
+
+import peft
+import pytest
+import torch
+
+import scalora
+from scalora.core import quant
+from conftest import assert_lora_parity, copy_lora, load_quantized, tiny_model, tokens
+from tolerance import assert_rounding_close, logits_rtol, rounding_rtol
+
+pytestmark = pytest.mark.numerics  # reruns under lower instruction sets: tests/test_isa_levels.py
+
+CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+
+
+def _randomize(model, seed: int = 1) -> None:
+    """lora_A and lora_B random (B non-zero, so that the direction moves), the magnitude its initial norms times
+    1 + 0.2 N(0, 1) (so that it is not the no-op m = n)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def _pair(make_base, cfg=CFG, randomize=True):
+    ours = scalora.get_peft_model(make_base(), scalora.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(make_base(), peft.LoraConfig(**cfg))
+    quant.keep_4bit_weights_plain(theirs)  # bitsandbytes' plain 4-bit path for both (tests/test_cpu_paths.py)
+    if randomize:
+        _randomize(ours)
+        copy_lora(ours, theirs)
+    return ours, theirs
+
+
+def _as_lora(model, make_base):
+    """The same A and B without DoRA: what a model that lost DoRA's rescaling computes."""
+    plain = scalora.get_peft_model(make_base(), scalora.LoraConfig(**{**CFG, "use_dora": False}))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in plain.named_parameters():
+            if "lora_" in n:
+                p.copy_(params[n])
+    return plain
+
+
+def _logits(model, ids=None):
+    with torch.no_grad():
+        return model(input_ids=tokens() if ids is None else ids).logits
+
+
+ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+def _biased(arch: str):
+    """The tiny model with its biases (Qwen2's q/k/v, GPT-2's Conv1D; zero at init) set away from zero, so that
+    DoRA's base term without the bias is tested."""
+    model = tiny_model(arch)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and "ln" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_magnitude_starts_at_peft_s_norms(arch):
+    """The magnitude is initialised to ||W + s B A|| per output row (B = 0: W's row norms), peft's values to the
+    rounding of a sum over the row; the adapter starts as a no-op (the base's logits)."""
+    ours, theirs = _pair(lambda: tiny_model(arch), randomize=False)
+    mags = {n: p for n, p in theirs.named_parameters() if "lora_magnitude_vector" in n}
+    n_in = max(m.in_features for m in ours.modules() if isinstance(m, scalora.LoraLayer))
+    checked = 0
+    for n, p in ours.named_parameters():
+        if "lora_magnitude_vector" in n:
+            assert_rounding_close(p, mags[n], rounding_rtol(n_in), wrong=torch.ones_like(p), what=n)
+            checked += 1
+    assert checked == len(mags) > 0
+    torch.testing.assert_close(_logits(ours), _logits(tiny_model(arch)), rtol=logits_rtol(tiny_model(arch)), atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_parity(arch):
+    """Logits and the gradients of lora_A, lora_B and the magnitude equal peft's (eval mode, no dropout; the
+    biases non-zero); the same A and B as plain LoRA lie outside."""
+    ours, theirs = _pair(lambda: _biased(arch))
+    assert_lora_parity(ours, theirs, tokens())
+    assert any("lora_magnitude_vector" in n for n, p in ours.named_parameters() if p.requires_grad)
+    assert_rounding_close(_logits(ours), _logits(theirs), logits_rtol(tiny_model(arch)),
+                          wrong=_logits(_as_lora(ours, lambda: tiny_model(arch))), what="DoRA vs its LoRA")
+
+
+@pytest.mark.parametrize("bits", [16, 4, 8])
+def test_dropout_parity_in_training(saved_tiny_models, bits):
+    """With dropout in training, the base's product is taken again on the dropped input (peft: F.linear with the
+    de-quantized W; scalora: the same, or bitsandbytes' 4-bit matmul, which keeps no de-quantized copy); the same
+    seed gives peft's masks (torch's dropout, drawn once per layer in the same order): logits and gradients to
+    rounding."""
+    cfg = {**CFG, "lora_dropout": 0.3}
+    path = saved_tiny_models["llama"]
+    ours, theirs = _pair(lambda: tiny_model("llama") if bits == 16 else load_quantized(path, bits), cfg)
+    ours.train()
+    theirs.train()
+    ids = tokens()
+    outs = []
+    for m in (ours, theirs):
+        torch.manual_seed(7)
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append(out)
+    rtol = logits_rtol(tiny_model("llama"))
+    ours.eval()
+    assert_rounding_close(outs[0].logits, outs[1].logits, rtol, wrong=_logits(ours, ids), what="dropped logits")
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert_rounding_close(p.grad, grads[n], logits_rtol(tiny_model("llama"), backward=True), what=n)
+
+
+def test_4bit_dora_keeps_no_dequantized_weight_for_backward(saved_tiny_models):
+    """QDoRA with dropout in training saves no de-quantized (out, in) weight for backward (peft's F.linear with it
+    does: a layer's worth of fp32 per layer between forward and backward): of the tensors autograd saves, watched
+    through saved_tensors_hooks, none that is not a model parameter itself has a wrapped layer's weight shape. The
+    8-bit base, which takes peft's F.linear with its de-quantized copy (bitsandbytes' int8 matmul would round the
+    input to int8), shows the watch sees such a copy when one is saved."""
+    ids = tokens(batch=1, length=11)  # 11 tokens: no activation shares a weight's shape
+
+    def saved_copies(model):
+        model.train()
+        own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        shapes = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in own:
+                shapes.append((tuple(t.shape), t.dtype))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        weights = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, scalora.LoraLayer)}
+        return [s for s, dtype in shapes if s in weights and dtype == torch.float32]
+
+    cfg = scalora.LoraConfig(**{**CFG, "lora_dropout": 0.3})
+    assert saved_copies(scalora.get_peft_model(load_quantized(saved_tiny_models["llama"], 4), cfg)) == []
+    assert saved_copies(scalora.get_peft_model(load_quantized(saved_tiny_models["llama"], 8), cfg))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_parity(saved_tiny_models, bits):
+    """QDoRA: on a bitsandbytes NF4 (double quantization) and an LLM.int8 base, the norm over the de-quantized
+    weight: logits and gradients equal peft's."""
+    path = saved_tiny_models["llama"]
+    ours, theirs = _pair(lambda: load_quantized(path, bits))
+    kinds = {type(m.base_layer).__name__ for m in ours.modules() if isinstance(m, scalora.LoraLayer)}
+    assert kinds == {"Linear4bit" if bits == 4 else "Linear8bitLt"}
+    assert_lora_parity(ours, theirs, tokens())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_adapter_files_both_ways(tmp_path, arch):
+    """scalora's saved DoRA adapter has peft's keys (the magnitude as `...lora_magnitude_vector`) and loads in peft
+    with the same logits; peft's loads in scalora."""
+    from safetensors.torch import load_file
+
+    ours, theirs = _pair(lambda: tiny_model(arch))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
+        sorted(load_file(tmp_path / "theirs" / "adapter_model.safetensors"))
+    rtol = logits_rtol(tiny_model(arch))
+    bare = _logits(tiny_model(arch))
+    in_peft = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "ours").eval()
+    assert_rounding_close(_logits(in_peft), _logits(ours), rtol, wrong=bare, what="scalora's file in peft")
+    in_ours = scalora.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "theirs")).eval()
+    assert_rounding_close(_logits(in_ours), _logits(theirs), rtol, wrong=bare, what="peft's file in scalora")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_as_peft_merges(arch):
+    """merge_adapter / unmerge_adapter / merge_and_unload with two DoRA adapters active: the merged weights are
+    peft's (m / n * (W + s B A), n over the unmerged W, in turn) to the rounding of the row norm's sum, the merged
+    logits the unmerged model's; unmerging gives W back; a merge that forgot the rescaling (the LoRA sum) lies
+    outside."""
+    make = lambda: tiny_model(arch)  # noqa: E731
+    ours, theirs = _pair(make)
+    for m in (ours, theirs):
+        m.add_adapter("second", (scalora if m is ours else peft).LoraConfig(**{**CFG, "r": 2}))
+    _randomize(ours, seed=3)
+    copy_lora(ours, theirs)
+    for m in (ours, theirs):
+        m.base_model.set_adapter(["default", "second"])
+    ours.eval()
+    theirs.eval()
+    unmerged = _logits(ours)
+    lora_merge = _logits(_as_lora(ours, make).merge_and_unload())  # the wrong merge: LoRA's sum, no rescaling
+    rtol = logits_rtol(make())
+    n_in = max(m.in_features for m in ours.modules() if isinstance(m, scalora.LoraLayer))
+    weight_rtol = rounding_rtol(n_in, depth=2)  # the row norm (a sum over the row), then the rescaled sum
+    before = {n: p.detach().clone() for n, p in ours.named_parameters() if n.endswith("base_layer.weight")}
+    ours.merge_adapter()
+    theirs.merge_adapter(["default", "second"])
+    ref = dict(theirs.named_parameters())
+    checked = 0
+    for n, p in ours.named_parameters():
+        if n.endswith("base_layer.weight"):
+            assert_rounding_close(p, ref[n], weight_rtol, wrong=before[n], what=n)
+            checked += 1
+    assert checked > 0
+    assert_rounding_close(_logits(ours), unmerged, rtol, wrong=_logits(make()), what="merged logits")
+    ours.unmerge_adapter()
+    for n, p in ours.named_parameters():
+        if n in before:
+            assert_rounding_close(p, before[n], weight_rtol, what=f"unmerged {n}")
+    merged = ours.merge_and_unload()
+    assert_rounding_close(_logits(merged), unmerged, rtol, wrong=lora_merge,
+                          what="merge_and_unload against the unmerged model (wrong: LoRA's merge)")
+
+
+def test_quantized_merge_dequantized(saved_tiny_models):
+    """merge_and_unload(dequantize=True) on an NF4 base: the de-quantized weights with DoRA merged, the model's
+    logits to rounding; the streamed GGUF merge uses the same rule (LoraLayer.merged_weight)."""
+    path = saved_tiny_models["llama"]
+    model = scalora.get_peft_model(load_quantized(path, 4), scalora.LoraConfig(**CFG))
+    _randomize(model)
+    adapted = _logits(model)
+    merged = model.merge_and_unload(dequantize=True)
+    assert not any(quant.is_4bit(m) for m in merged.modules())
+    assert_rounding_close(_logits(merged), adapted, logits_rtol(merged), wrong=_logits(load_quantized(path, 4)),
+                          what="de-quantized DoRA merge")
+
+
+def test_disable_set_and_delete_adapter():
+    """disable_adapter gives the base exactly; set_adapter makes only that adapter's A, B and magnitude trainable;
+    delete_adapter removes its magnitude too."""
+    model = scalora.get_peft_model(tiny_model("llama"), scalora.LoraConfig(**CFG))
+    model.add_adapter("other", scalora.LoraConfig(**CFG))
+    _randomize(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), _logits(tiny_model("llama")), rtol=0, atol=0)
+    model.set_adapter("other")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".other." in n for n in trainable)
+    assert any("lora_magnitude_vector.other" in n for n in trainable)
+    model.delete_adapter("other")
+    assert not any(".other" in n for n, _ in model.named_parameters())
+
+
+def test_meta_base_waits_for_its_weights():
+    """On a base on the meta device (the layer-by-layer loader's skeleton) the magnitude is left pending, a forward
+    before it is computed is refused, and init_dora_magnitudes computes what a loaded base gives."""
+    from scalora.core.lora import init_dora_magnitudes
+
+    from accelerate import init_empty_weights
+
+    loaded = scalora.get_peft_model(tiny_model("llama"), scalora.LoraConfig(**CFG))
+    with init_empty_weights(include_buffers=False):
+        skeleton = type(tiny_model("llama"))(tiny_model("llama").config).eval()
+    model = scalora.get_peft_model(skeleton, scalora.LoraConfig(**CFG))
+    layers = [m for m in model.modules() if isinstance(m, scalora.LoraLayer)]
+    assert layers and all(m.dora_pending == {"default"} for m in layers)
+    state = tiny_model("llama").state_dict()
+    wrapped = {n: state[n.replace(".base_layer", "")] for n, p in model.get_base_model().named_parameters()
+               if p.is_meta}
+    model.get_base_model().load_state_dict(wrapped, assign=True, strict=False)
+    with pytest.raises(RuntimeError, match="never computed"):
+        _logits(model)
+    assert init_dora_magnitudes(model) == len(layers)
+    ref = dict(loaded.named_parameters())
+    for n, p in model.named_parameters():
+        if "lora_magnitude_vector" in n:
+            torch.testing.assert_close(p, ref[n], rtol=0, atol=0)
+
+
+def test_scalora_train_with_dora(env, tmp_path):
+    """`scalora train ... lora.use_dora=true` (NF4 base, one process): the loss falls; the layer-by-layer loader
+    (the default on a CPU), which computes each layer's magnitude once its weights are in, trains the adapter
+    from_pretrained's path trains (dist.low_memory_loading=false), bit for bit; the adapter holds peft's keys and
+    loads in peft on the same 4-bit base with scalora's logits."""
+    from helpers import adapter, losses, run, train_args
+
+    common = ["lora.use_dora=true", "train.max_steps=4", "train.eval_every=0", "train.save_every=0"]
+    run(env, *train_args(tmp_path / "layerwise", *common))
+    run(env, *train_args(tmp_path / "whole", *common, "dist.low_memory_loading=false"))
+    got = losses(tmp_path / "layerwise")
+    assert got[4] < got[1]
+    a, b = adapter(tmp_path / "layerwise"), adapter(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("lora_magnitude_vector") for k in a)
+    base = env["base"]
+    ours = scalora.PeftModel.from_pretrained(load_quantized(base, 4), str(tmp_path / "layerwise" / "final")).eval()
+    theirs = peft.PeftModel.from_pretrained(load_quantized(base, 4), str(tmp_path / "layerwise" / "final")).eval()
+    quant.keep_4bit_weights_plain(theirs)
+    ids = tokens()
+    with theirs.disable_adapter():
+        bare = _logits(theirs, ids)
+    assert_rounding_close(_logits(ours, ids), _logits(theirs, ids), logits_rtol(ours.get_base_model()), wrong=bare,
+                          what="trained DoRA adapter, scalora vs peft")
