@@ -61,7 +61,9 @@ class Shape:
     lora_layers: int = 0
     lora_in_features: int = 0     # sum over wrapped layers of in_features (their saved inputs)
     lora_shared_in_features: int = 0  # of those, inputs a sibling shares (train.shared_dropout: q/k/v, gate/up)
+    lora_out_features: int = 0    # sum over wrapped layers of out_features (DoRA: magnitudes, saved outputs)
     lora_r: int = 0
+    use_dora: bool = False        # lora_params then include the magnitudes
 
     @property
     def total_params(self) -> int:
@@ -77,6 +79,7 @@ class Settings:
     compute_bytes: int = 2              # bf16 / fp16 on GPUs, 4 (fp32) on CPUs
     lora_bytes: int = 4                 # scalora's adapters are fp32
     lora_dropout: float = 0.05
+    use_dora: bool = False              # lora.use_dora
     optimizer: str = "adamw"            # adamw | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit
     micro_batch: int = 4
     seq_len: int = 512
@@ -125,7 +128,8 @@ class Estimate:
 
 # --- the model, from its config ---------------------------------------------------------------------------------
 def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_modules: Any = None,
-                r: int = 16, trust_remote_code: bool = False, gguf_file: Optional[str] = None) -> Shape:
+                r: int = 16, trust_remote_code: bool = False, gguf_file: Optional[str] = None,
+                use_dora: bool = False) -> Shape:
     """Count the model's parameters by kind, building it on the meta device (no memory, no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -148,7 +152,7 @@ def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_m
     shape = Shape(name=name_or_path, model_type=hf.model_type, n_layers=text.num_hidden_layers,
                   hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
                   heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-                  vocab=text.vocab_size, lora_r=r)
+                  vocab=text.vocab_size, lora_r=r, use_dora=use_dora)
     head = model.get_output_embeddings()
     lcfg = LoraConfig(r=r, target_modules=target_modules, exclude_modules=exclude_modules)
     wanted = T.resolve_targets(lcfg, model)
@@ -166,8 +170,10 @@ def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_m
                 seen.add(id(module.bias))
             if T.is_target(name, lcfg, wanted):
                 shape.lora_layers += 1
-                shape.lora_params += r * (module.in_features + module.out_features)
+                shape.lora_params += r * (module.in_features + module.out_features) + (
+                    module.out_features if use_dora else 0)  # DoRA: one magnitude per output
                 shape.lora_in_features += module.in_features
+                shape.lora_out_features += module.out_features
                 parent, _, attr = name.rpartition(".")
                 group = next((g for g in SAME_INPUT if attr in g), None)
                 if group is not None and any(T.is_target(f"{parent}.{a}", lcfg, wanted) and
@@ -218,7 +224,9 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     norms: the fp32 input each RMSNorm keeps (x2); attention: rotated q, k and v as SDPA sees them (the kv heads
     repeated to all heads), its output and the contiguous copy that feeds o_proj; MLP: gate, SiLU(gate), up and their
     product; the normalized inputs of q/k/v and gate/up; LoRA: per wrapped layer the dropout output (fp32) and its
-    mask (one for siblings that share it: train.shared_dropout), and the rank-r intermediate.
+    mask (one for siblings that share it: train.shared_dropout), and the rank-r intermediate. DoRA (each layer on
+    its own, no shared dropout): per wrapped layer also the base's output without bias (compute dtype) and lora_B's
+    output (fp32), which the magnitude's gradient needs.
     """
     e, h, inter = st.compute_bytes, s.hidden, s.intermediate
     norms = 2 * 4 * h
@@ -227,7 +235,7 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     mlp = 4 * inter * e
     r_part = s.lora_layers / s.n_layers * s.lora_r * st.lora_bytes
     lora_in = s.lora_in_features / s.n_layers
-    if st.lora_dropout > 0 and st.shared_dropout:  # siblings keep one dropout output and mask
+    if st.lora_dropout > 0 and st.shared_dropout and not st.use_dora:  # siblings keep one dropout output and mask
         lora_in -= s.lora_shared_in_features / s.n_layers
     if st.lora_dropout > 0:
         lora = lora_in * (st.lora_bytes + 1) + r_part
@@ -240,7 +248,8 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
         # SiLU product (down), which nothing else keeps (the frozen base's matmuls keep no input). Measured with
         # autograd's saved tensors (tests/test_plan.py): 60.4 MB against 73.0 on the builtin model.
         inputs = (2 * h + h + inter) * e
-    return norms + attention + normalized + mlp + lora - inputs
+    dora = s.lora_out_features / s.n_layers * (e + st.lora_bytes) if st.use_dora else 0.0
+    return norms + attention + normalized + mlp + lora + dora - inputs
 
 
 def logits_bytes_per_token(s: Shape, st: Settings) -> float:
@@ -332,6 +341,8 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
     e.parts["activations"] = activation_bytes(s, st) - loss_bytes(s, st)
     e.parts["loss"] = loss_bytes(s, st)
     working = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
+    if st.use_dora:  # the norm ||W + s B A||: the largest layer de-quantized, B A and their sum, fp32, for a moment
+        working = max(working, 3 * s.largest_quantized * 4)
     if shard_weights and n > 1:  # the gathered decoder layers: the one computing and the one prefetched
         per_layer = (shardable - s.dense_params * st.compute_bytes) / s.n_layers
         working += 2 * per_layer + 2 * s.lora_params / s.n_layers * st.lora_bytes
@@ -360,7 +371,8 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
 
         compute = compute_dtype(cfg.model.dtype, hidden_size)[0].itemsize
     return Settings(bits=cfg.quant.bits, double_quant=cfg.quant.double_quant, compute_bytes=compute,
-                    lora_dropout=cfg.lora.lora_dropout, optimizer=cfg.train.optimizer, micro_batch=cfg.train.micro_batch_size,
+                    lora_dropout=cfg.lora.lora_dropout, use_dora=cfg.lora.use_dora, optimizer=cfg.train.optimizer,
+                    micro_batch=cfg.train.micro_batch_size,
                     seq_len=cfg.data.max_length, gradient_checkpointing=cfg.model.gradient_checkpointing,
                     packed_mask=cfg.data.packing and needs_block_mask(attention_implementation(
                         cfg, torch.float32 if compute == 4 else torch.bfloat16, device == "cpu")),
@@ -431,7 +443,7 @@ def render(shape: Shape, st: Settings, rows: list[Estimate], gpu_memory: float, 
 
 def plan(cfg, gpus: int = 1, nodes: int = 1, gpu_memory: float = 24 * GiB, device: str = "gpu") -> tuple[str, list]:
     shape = model_shape(cfg.model.name_or_path, cfg.lora.target_modules, cfg.lora.exclude_modules, cfg.lora.r,
-                        cfg.model.trust_remote_code, cfg.model.gguf_file)
+                        cfg.model.trust_remote_code, cfg.model.gguf_file, cfg.lora.use_dora)
     overhead = cpu_runtime_bytes() if device == "cpu" else 0.0
     st = settings_from_config(cfg, device, overhead, shape.hidden)
     devices = gpus * nodes

@@ -167,6 +167,9 @@ def test_impossible_combinations_are_refused_at_start(env):
     p = launch(env, TOPOLOGIES["zero3"], "configs/tiny.yaml", *DIST, "train.loraplus_lr_ratio=16",
                f"train.output_dir={env['root'] / 'dist-bad3'}", check=False)
     assert p.returncode != 0 and "launch/fsdp.yaml" in p.stderr and "loraplus_lr_ratio" in p.stderr
+    p = launch(env, TOPOLOGIES["zero3"], "configs/tiny.yaml", *DIST, "lora.use_dora=true",
+               f"train.output_dir={env['root'] / 'dist-bad4'}", check=False)
+    assert p.returncode != 0 and "lora.use_dora=true under zero3" in p.stderr
 
 
 def test_fsdp_on_cpu_needs_the_switch(env):
@@ -322,3 +325,27 @@ def test_loraplus_under_sharded_optimizers(env, reference_loraplus, reference):
 
     plus, plain = adapter(reference_loraplus), adapter(reference)
     assert any(not torch.allclose(plus[k], plain[k], rtol=0.1) for k in plus)
+
+
+@pytest.fixture(scope="module")
+def reference_dora(env):
+    out = env["root"] / "dist-single-dora"
+    run(env, "train", "configs/tiny.yaml", *DIST, "lora.use_dora=true", f"train.output_dir={out}")
+    return out
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "fsdp"])
+def test_dora_under_each_topology(env, reference_dora, reference, name):
+    """DoRA (a trained magnitude per output, the norm over each layer's de-quantized weight) on two processes:
+    DDP and ZeRO-2 keep the base whole on every process; FSDP loads it layer by layer, each layer's magnitude
+    computed once its weights are in and before it is sharded, and unshards a whole decoder layer for its forward.
+    Losses and adapter equal the single-process DoRA run's (the tolerances of the other topology tests); the plain
+    LoRA run's adapter differs from it. ZeRO-3 is refused before launch (test_impossible_combinations...)."""
+    out = env["root"] / f"dist-dora-{name}"
+    launch(env, TOPOLOGIES[name], "configs/tiny.yaml", *DIST, "lora.use_dora=true", f"train.output_dir={out}")
+    assert_runs_agree(env, out, reference_dora)
+    from helpers import adapter
+
+    assert any(k.endswith("lora_magnitude_vector") for k in adapter(out))
+    plain = adapter(reference)
+    assert set(adapter(reference_dora)) - set(plain)  # the magnitudes: what plain LoRA has not

@@ -70,13 +70,16 @@ def test_counts_match_the_loaded_4bit_model(env):
         assert shape.lora_params == model.get_nb_trainable_parameters()[0]
 
 
-def test_saved_activations_match_autograd(env):
-    """The per-layer activation model against the tensors autograd really saves (packed rows, no checkpointing)."""
+@pytest.mark.parametrize("dora", [False, True])
+def test_saved_activations_match_autograd(env, dora):
+    """The per-layer activation model against the tensors autograd really saves (packed rows, no checkpointing);
+    with DoRA, its extra saved outputs counted too (the LoRA model alone would fall short by their size)."""
     from scalora.data import build_datasets, collate
     from scalora.model import build_model
     from scalora.loss import token_loss_sum
 
-    cfg = _cfg(env, "data.packing=true", "data.max_length=256", "model.gradient_checkpointing=false")
+    cfg = _cfg(env, "data.packing=true", "data.max_length=256", "model.gradient_checkpointing=false",
+               f"lora.use_dora={str(dora).lower()}")
     model, tok, _ = build_model(cfg)
     rows = build_datasets(cfg.data, tok, 0).train[:4]
     batch = collate(rows, tok.pad_token_id, block_mask=True)
@@ -90,13 +93,17 @@ def test_saved_activations_match_autograd(env):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         token_loss_sum(model, batch)
     saved = sum(storages.values())
-    shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
+    shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r, use_dora=dora)
     T = batch["input_ids"].shape[1]
     st = P.Settings(device="cpu", compute_bytes=4, lora_dropout=cfg.lora.lora_dropout, micro_batch=4, seq_len=T,
-                    gradient_checkpointing=False, packed_mask=True)
+                    gradient_checkpointing=False, packed_mask=True, use_dora=dora)
     # of the logits, only the log-softmax is saved; the other terms are peaks of the loss and its gradient
     predicted = P.activation_bytes(shape, st) - 4 * T * (P.logits_bytes_per_token(shape, st) - 4 * shape.vocab)
     assert abs(predicted - saved) / saved < 0.15, (predicted, saved)
+    if dora:  # without DoRA's terms the prediction would be outside
+        lora_only = P.activation_bytes(shape, P.Settings(**{**st.__dict__, "use_dora": False})) \
+            - 4 * T * (P.logits_bytes_per_token(shape, st) - 4 * shape.vocab)
+        assert abs(lora_only - saved) / saved >= 0.15, (lora_only, saved)
 
 
 RUN = ["train.max_steps=1", "log.report_to=none", "data.packing=true", "train.global_batch_size=8",
