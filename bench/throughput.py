@@ -72,6 +72,9 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     # DoRA (lora.use_dora): scalora's against its own LoRA step and against the peft loop with use_dora=True
     "scalora-dora-pad": ("scalora", DORA), "scalora-dora-pack": ("scalora", PACK + DORA),
     "peft-dora": ("peft", DORA),
+    # the same in fp32, the dtype of the peft loop on a CPU (model.dtype auto picks bf16 on AMX CPUs from hidden 512)
+    "scalora-pad-fp32": ("scalora", ["model.dtype=float32"]),
+    "scalora-dora-pad-fp32": ("scalora", DORA + ["model.dtype=float32"]),
 }
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 2e-4

@@ -225,8 +225,8 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     repeated to all heads), its output and the contiguous copy that feeds o_proj; MLP: gate, SiLU(gate), up and their
     product; the normalized inputs of q/k/v and gate/up; LoRA: per wrapped layer the dropout output (fp32) and its
     mask (one for siblings that share it: train.shared_dropout), and the rank-r intermediate. DoRA (each layer on
-    its own, no shared dropout): per wrapped layer also the base's output without bias (compute dtype) and lora_B's
-    output (fp32), which the magnitude's gradient needs.
+    its own, no shared dropout): per wrapped layer also the base's output (compute dtype), which the magnitude's
+    gradient needs (scalora/core/lora.py `_dora`).
     """
     e, h, inter = st.compute_bytes, s.hidden, s.intermediate
     norms = 2 * 4 * h
@@ -248,7 +248,7 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
         # SiLU product (down), which nothing else keeps (the frozen base's matmuls keep no input). Measured with
         # autograd's saved tensors (tests/test_plan.py): 60.4 MB against 73.0 on the builtin model.
         inputs = (2 * h + h + inter) * e
-    dora = s.lora_out_features / s.n_layers * (e + st.lora_bytes) if st.use_dora else 0.0
+    dora = s.lora_out_features / s.n_layers * e if st.use_dora else 0.0
     return norms + attention + normalized + mlp + lora + dora - inputs
 
 

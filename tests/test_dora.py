@@ -13,7 +13,7 @@ import torch
 import scalora
 from scalora.core import quant
 from conftest import assert_lora_parity, copy_lora, load_quantized, tiny_model, tokens
-from tolerance import assert_rounding_close, logits_rtol, rounding_rtol
+from tolerance import assert_rounding_close, logits_rtol, rel_diff, rounding_rtol
 
 pytestmark = pytest.mark.numerics  # reruns under lower instruction sets: tests/test_isa_levels.py
 
@@ -305,3 +305,29 @@ def test_scalora_train_with_dora(env, tmp_path):
         bare = _logits(theirs, ids)
     assert_rounding_close(_logits(ours, ids), _logits(theirs, ids), logits_rtol(ours.get_base_model()), wrong=bare,
                           what="trained DoRA adapter, scalora vs peft")
+
+
+def test_norm_follows_adapter_updates_however_made():
+    """The norm is computed once per A / B values (the micro-batches of a step and checkpointing's recomputation
+    share it), and again after any change: an optimizer step (in place), and a write through `.data` (no version
+    count, as sharding engines copy updated values in). After each, logits equal peft's on the same weights; a
+    norm kept from before lies outside."""
+    ours, theirs = _pair(lambda: _biased("llama"))
+    rtol = logits_rtol(tiny_model("llama"))
+    ids = tokens()
+    first = _logits(ours, ids)
+    for change in ("optimizer", "data"):
+        for m in (ours, theirs):
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if "lora_B" in n or "lora_A" in n:
+                        (p.data.mul_(1.5) if change == "data" else p.add_(0.05 * torch.ones_like(p)))
+        stale = scalora.get_peft_model(_biased("llama"), scalora.LoraConfig(**CFG))  # new A, B; old norm
+        copy_lora(ours, stale)
+        for (n, mod), (_, old) in zip(stale.named_modules(), ours.named_modules()):
+            if isinstance(mod, scalora.LoraLayer):
+                mod.__dict__["_dora_norm_cache"] = {"default": (None,) * 3 + (old._dora_norm_cache["default"][3],)}
+                mod._cached_dora_norm = (lambda m: lambda name: m._dora_norm_cache[name][3])(mod)
+        assert_rounding_close(_logits(ours, ids), _logits(theirs, ids), rtol, wrong=_logits(stale, ids),
+                              what=f"after an update by {change}")
+    assert rel_diff(_logits(ours, ids), first) > 1e-3

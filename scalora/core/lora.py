@@ -15,7 +15,8 @@ DoRA (`use_dora=True`, arXiv 2402.09353, as peft computes it) adds a trained mag
 
 with x' = dropout(x) (W x' is the base's output without bias when there is no dropout, a second product with the
 de-quantized W otherwise), i.e. the output of m * (W + scaling * B A) / n on x' plus the base's own output minus
-W x'. Here n is computed from B.weight @ A.weight directly (peft runs lora_B(lora_A(eye(in))), an in x in product,
+W x'. n is computed once per values of A and B (`_cached_dora_norm`), and the sum arranged to touch the
+(tokens, out) tensors twice (`_dora`). Here n is computed from B.weight @ A.weight directly (peft runs lora_B(lora_A(eye(in))), an in x in product,
 so that FSDP's hooks fire; scalora's FSDP2 unshards the whole decoder layer before its forward).
 """
 
@@ -268,6 +269,25 @@ class LoraLayer(Wrapper):
             a, b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
             return torch.linalg.vector_norm(w + self.scaling[adapter_name] * (b.float() @ a.float()), dim=1)
 
+    def _cached_dora_norm(self, name: str) -> torch.Tensor:
+        """`dora_norm`, computed again only when A or B hold other values than when it was last computed (compared
+        element for element with a copy: optimizers and sharding engines may update them in place without any
+        version count to go by) or the base weight is another tensor (a merge replaces it): the micro-batches of
+        one optimizer step and gradient checkpointing's recomputation share one de-quantization and B @ A per layer
+        instead of one per forward. The comparison costs r * (in + out) element reads against the norm's
+        out * in * r multiply-adds; the copy, the adapter's size once more. A value, not a graph (detached)."""
+        a, b, w = self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer.weight
+        if torch.compiler.is_compiling():
+            return self.dora_norm(name)
+        key = (w.data_ptr(), w._version, w.shape)
+        cache = self.__dict__.setdefault("_dora_norm_cache", {})
+        hit = cache.get(name)
+        with torch.no_grad():
+            if hit is None or hit[0] != key or not (torch.equal(hit[1], a) and torch.equal(hit[2], b)):
+                hit = (key, a.detach().clone(), b.detach().clone(), self.dora_norm(name))
+                cache[name] = hit
+        return hit[3]
+
     def init_dora_magnitude(self, adapter_name: str) -> None:
         norm = self.dora_norm(adapter_name)
         if adapter_name in self.lora_magnitude_vector:
@@ -277,27 +297,35 @@ class LoraLayer(Wrapper):
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
         self.dora_pending.discard(adapter_name)
 
-    def _dora_term(self, name: str, h: torch.Tensor, result: torch.Tensor, dropped: bool) -> torch.Tensor:
-        """DoRA's addition to `result` for adapter `name`, from the LoRA input `h` (dropout applied): (m / n - 1) *
-        W h + (m / n) * scaling * B A h, with W h read off `result` (minus the bias) when there is no dropout."""
+    def _dora(self, name: str, h: torch.Tensor, factor: float, result: torch.Tensor, dropped: bool
+              ) -> torch.Tensor:
+        """`result` plus DoRA's term for adapter `name`: (m / n - 1) * W h' + (m / n) * scaling * B A h', with
+        h' = h * factor the LoRA input after dropout (`factor`: FastDropout's, applied here), W h' read off
+        `result` (minus the bias) when there is no dropout. peft's sum, arranged so that the (tokens, out) tensors
+        see two elementwise passes (an addcmul and the add of B's product) instead of six: the per-output
+        coefficients and `factor` go on the (out,) vector, and scaling * m / n onto B's (out, r) weight, so that
+        B's matmul yields its term already scaled. Rounded differently from peft's order (fp32: ~1e-7 relative)."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        w = self.dense_weight()
-        scale = (self.lora_magnitude_vector[name].weight / self.dora_norm(name, w)).view(1, -1)
+        scale = self.lora_magnitude_vector[name].weight / self._cached_dora_norm(name)  # (out,)
         bias = getattr(self.base_layer, "bias", None)
-        if not dropped:
-            base = result if bias is None else result - bias
-        elif quant.is_4bit(self.base_layer):
-            # the base's product on the dropped input through bitsandbytes' own 4-bit matmul, which keeps the packed
-            # weight for backward (F.linear with the de-quantized W, peft's, keeps that fp32 copy: a layer's worth
-            # of memory per layer); the same numbers in its compute dtype
-            del w
-            out = self.base_layer(h)
-            base = out if bias is None else out - bias
-        else:  # peft's F.linear with W (a plain fp32 weight goes in as itself; 8-bit: its de-quantized copy, as
-            # bitsandbytes' int8 matmul would also round the input to int8)
-            base = F.linear(h, w.to(h.dtype))
-        lora = lora_B(lora_A(h))
-        return (scale - 1) * base + scale * lora * self.scaling[name]
+        a = lora_A(h)  # (..., r)
+        b = lora_B.weight * (scale * (self.scaling[name] * factor)).unsqueeze(1)  # (out, r)
+        if not dropped:  # result + (m/n - 1) (result - bias) = (m/n) result - (m/n - 1) bias
+            new = result * scale if bias is None else torch.addcmul(-(scale - 1) * bias, result, scale)
+        else:
+            coef = (scale - 1) * factor
+            if quant.is_4bit(self.base_layer):
+                # the base's product on the dropped input through bitsandbytes' own 4-bit matmul, which keeps the
+                # packed weight for backward (F.linear with the de-quantized W, peft's, keeps that fp32 copy: a
+                # layer's worth of memory per layer); the same numbers in its compute dtype
+                prod = self.base_layer(h)
+                if bias is not None:
+                    prod = prod - bias
+            else:  # peft's F.linear with W (a plain fp32 weight goes in as itself; 8-bit: its de-quantized copy,
+                # as bitsandbytes' int8 matmul would also round the input to int8)
+                prod = F.linear(h, self.dense_weight().to(h.dtype))
+            new = torch.addcmul(result, prod, coef)
+        return new + F.linear(a, b.to(a.dtype) if not torch.is_autocast_enabled(a.device.type) else b)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         if init_lora_weights is False:
@@ -347,9 +375,7 @@ class LoraLayer(Wrapper):
                 in_place = False
                 dropped = not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0
                 h, factor = _drop(dropout, inp)
-                if factor != 1.0:
-                    h = h * factor
-                result = result + self._dora_term(name, h, result, dropped)
+                result = self._dora(name, h, factor, result, dropped)
                 continue
             h, factor, a = share(dropout, x, inp, name, self) if share is not None else (*_drop(dropout, inp), None)
             if not self.fused:  # peft's order of operations, so peft's numbers to the last bit
