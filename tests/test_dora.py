@@ -281,6 +281,7 @@ def test_meta_base_waits_for_its_weights():
             torch.testing.assert_close(p, ref[n], rtol=0, atol=0)
 
 
+@pytest.mark.slow  # two CLI runs
 def test_scalora_train_with_dora(env, tmp_path):
     """`scalora train ... lora.use_dora=true` (NF4 base, one process): the loss falls; the layer-by-layer loader
     (the default on a CPU), which computes each layer's magnitude once its weights are in, trains the adapter

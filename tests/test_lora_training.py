@@ -395,6 +395,7 @@ def test_loraplus_groups_are_peft_s(arch, saved):
     assert len(set(got.values())) == (2 if arch == "llama" else 3)  # GPT-2's LayerNorm: B without decay
 
 
+@pytest.mark.slow  # two CLI runs
 def test_loraplus_run_moves_lora_b_ratio_times_as_far(env, tmp_path):
     """`scalora train` with train.loraplus_lr_ratio=16, one step from the same start as a run without: lora_B starts
     at zero and lora_A gets no gradient in the first step (B = 0), so the step moves only B, by lr x m / (sqrt(v) +
