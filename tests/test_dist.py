@@ -334,10 +334,11 @@ def reference_dora(env):
     return out
 
 
-@pytest.mark.parametrize("name", ["ddp", "zero2", "fsdp"])
+@pytest.mark.parametrize("name", ["zero2", "fsdp"])
 def test_dora_under_each_topology(env, reference_dora, reference, name):
     """DoRA (a trained magnitude per output, the norm over each layer's de-quantized weight) on two processes:
-    DDP and ZeRO-2 keep the base whole on every process; FSDP loads it layer by layer, each layer's magnitude
+    ZeRO-2 keeps the base whole on every process and shards the gradients and AdamW state (DDP, which shards
+    nothing, passed the same check when it was written and is left out for the suite's time); FSDP loads it layer by layer, each layer's magnitude
     computed once its weights are in and before it is sharded, and unshards a whole decoder layer for its forward.
     Losses and adapter equal the single-process DoRA run's (the tolerances of the other topology tests); the plain
     LoRA run's adapter differs from it. ZeRO-3 is refused before launch (test_impossible_combinations...)."""

@@ -143,7 +143,9 @@ def test_4bit_dora_keeps_no_dequantized_weight_for_backward(saved_tiny_models):
         def pack(t):
             if t.untyped_storage().data_ptr() not in own:
                 shapes.append((tuple(t.shape), t.dtype))
-            return t
+            # detached: a hook that returns an output tensor itself ties it to its own graph node, a cycle through
+            # autograd's C++ graph that Python's gc cannot free (the model, and its mapped checkpoint, stayed alive)
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(input_ids=ids, labels=ids)
