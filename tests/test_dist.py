@@ -238,11 +238,16 @@ def test_the_cli_file_and_shipped_launch_files_work_from_anywhere(env, tmp_path)
     assert summary["compute_dtype_reason"] == "auto: the launcher's mixed_precision=bf16"
 
 
+def _single_run(env, name: str, *overrides: str):
+    """One process training configs/tiny.yaml with DIST and `overrides`: what a 2-process variant must match."""
+    out = env["root"] / f"dist-single-{name}"
+    run(env, "train", "configs/tiny.yaml", *DIST, *overrides, f"train.output_dir={out}")
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference_bf16(env):
-    out = env["root"] / "dist-single-bf16"
-    run(env, "train", "configs/tiny.yaml", *DIST, "model.dtype=bfloat16", f"train.output_dir={out}")
-    return out
+    return _single_run(env, "bf16", "model.dtype=bfloat16")
 
 
 @pytest.mark.parametrize("name", ["fsdp", "zero2"])
@@ -307,9 +312,7 @@ def test_each_rank_loads_a_fraction_of_the_base(env, layered_base):
 
 @pytest.fixture(scope="module")
 def reference_loraplus(env):
-    out = env["root"] / "dist-single-loraplus"
-    run(env, "train", "configs/tiny.yaml", *DIST, "train.loraplus_lr_ratio=16", f"train.output_dir={out}")
-    return out
+    return _single_run(env, "loraplus", "train.loraplus_lr_ratio=16")
 
 
 def test_loraplus_under_sharded_optimizers(env, reference_loraplus, reference):
@@ -329,9 +332,7 @@ def test_loraplus_under_sharded_optimizers(env, reference_loraplus, reference):
 
 @pytest.fixture(scope="module")
 def reference_dora(env):
-    out = env["root"] / "dist-single-dora"
-    run(env, "train", "configs/tiny.yaml", *DIST, "lora.use_dora=true", f"train.output_dir={out}")
-    return out
+    return _single_run(env, "dora", "lora.use_dora=true")
 
 
 @pytest.mark.parametrize("name", ["zero2", "fsdp"])
