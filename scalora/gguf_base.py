@@ -31,8 +31,6 @@ from .core.errors import UserError
 MARKER = "scalora_gguf_source.json"  # written last into a converted folder: where it came from
 
 
-
-
 def gguf_source(name_or_path: str, gguf_file: Optional[str]) -> Optional[tuple[str, str]]:
     """(folder or hub repository, file name) when the base is a GGUF file, else None."""
     if gguf_file:

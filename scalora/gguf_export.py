@@ -125,16 +125,20 @@ def _sentencepiece_metadata(writer, tokenizer, tok_json: dict, vocab_size: int) 
             continue
         tokens.append(t)
         if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+            kind = gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED
         elif i == unk:
-            types.append(gguf.TokenType.UNKNOWN)
+            kind = gguf.TokenType.UNKNOWN
         elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
-            types.append(gguf.TokenType.BYTE)
+            kind = gguf.TokenType.BYTE
         else:
-            types.append(gguf.TokenType.NORMAL)
-        # a multi-character piece no merge makes (unreachable by the BPE) is ranked after every merge
-        scores.append(-float(rank[t]) if t in rank else 0.0 if len(t) == 1 or i in added or types[-1] !=
-                      gguf.TokenType.NORMAL else -float(len(rank) + i))
+            kind = gguf.TokenType.NORMAL
+        types.append(kind)
+        if t in rank:
+            scores.append(-float(rank[t]))
+        elif kind == gguf.TokenType.NORMAL and len(t) != 1:  # a piece no merge makes (unreachable by the BPE):
+            scores.append(-float(len(rank) + i))  # ranked after every merge
+        else:
+            scores.append(0.0)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)

@@ -215,12 +215,12 @@ class LayerwiseLoader:
         """Fill every decoder layer, calling `filled(i)` (DoRA's magnitudes: scalora/core/lora.py
         init_dora_magnitudes) and then `shard_layer(i)` after layer i, then the rest (`filled(None)`)."""
         for i in range(self.n_layers):
-            self._fill(self.units.get(i, []), device)
+            self.fill(i, device)
             if filled is not None:
                 filled(i)
             if shard_layer is not None:
                 shard_layer(i)
-        self._fill(self.units.get(None, []), device)
+        self.fill(None, device)
         if filled is not None:
             filled(None)
 

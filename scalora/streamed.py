@@ -82,9 +82,7 @@ def _value(holder: nn.Module, attr: str) -> torch.Tensor:
     if isinstance(holder, LoraLayer):
         w = holder.merged_weight(quant.dense_weight(holder.base_layer),
                                  [n for n in holder.active_adapters if n in holder.lora_A])
-        if not torch.isfinite(w).all():
-            raise UserError("refusing to write a non-finite merged weight: the adapter holds NaN or inf values "
-                            "(check the training run that produced it)")
+        quant.require_finite(w, "merged weight")
         return w
     if attr == "weight" and (quant.is_4bit(holder) or quant.is_8bit(holder)):
         return quant.dense_weight(holder)

@@ -30,8 +30,9 @@ def adapter_key_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> 
     """File key -> model state-dict key, for every tensor that belongs to `adapter_name`.
 
     File keys are the model keys with the adapter name removed: `...q_proj.lora_A.default.weight` is stored as
-    `...q_proj.lora_A.weight` (DoRA's `...lora_magnitude_vector.default.weight` as `...lora_magnitude_vector`); a `modules_to_save` copy `...lm_head.modules_to_save.default.weight` as
-    `...lm_head.weight`; trained biases keep their key.
+    `...q_proj.lora_A.weight` (DoRA's `...lora_magnitude_vector.default.weight` as `...lora_magnitude_vector`); a
+    `modules_to_save` copy `...lm_head.modules_to_save.default.weight` as `...lm_head.weight`; trained biases keep
+    their key.
     """
     out: dict[str, str] = {}
     for name, module in model.named_modules():

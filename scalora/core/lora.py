@@ -16,8 +16,9 @@ DoRA (`use_dora=True`, arXiv 2402.09353, as peft computes it) adds a trained mag
 with x' = dropout(x) (W x' is the base's output without bias when there is no dropout, a second product with the
 de-quantized W otherwise), i.e. the output of m * (W + scaling * B A) / n on x' plus the base's own output minus
 W x'. n is computed once per values of A and B (`_cached_dora_norm`), and the sum arranged to touch the
-(tokens, out) tensors twice (`_dora`). Here n is computed from B.weight @ A.weight directly (peft runs lora_B(lora_A(eye(in))), an in x in product,
-so that FSDP's hooks fire; scalora's FSDP2 unshards the whole decoder layer before its forward).
+(tokens, out) tensors twice (`_dora`). n comes from B.weight @ A.weight directly (peft runs
+lora_B(lora_A(eye(in))), an in x in product, so that FSDP's hooks fire; scalora's FSDP2 unshards the whole decoder
+layer before its forward).
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ class LoraLayer(Wrapper):
                 # as bitsandbytes' int8 matmul would also round the input to int8)
                 prod = F.linear(h, self.dense_weight().to(h.dtype))
             new = torch.addcmul(result, prod, coef)
-        return new + F.linear(a, b.to(a.dtype) if not torch.is_autocast_enabled(a.device.type) else b)
+        return new + F.linear(a, b.to(a.dtype))
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
         if init_lora_weights is False:
@@ -419,11 +420,15 @@ class LoraLayer(Wrapper):
             if name in self.lora_magnitude_vector:
                 norm = self.dora_norm(name, base.T if self.fan_in_fan_out else base)
                 self.__dict__.setdefault("_dora_norms", {})[name] = norm
-                factor = (self.lora_magnitude_vector[name].weight.detach().float() / norm).view(-1, 1)
-                w = (factor.T if self.fan_in_fan_out else factor) * (w + delta)
+                w = self._dora_factor(name, norm) * (w + delta)
             else:
                 w = w + delta
         return w
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """m / n of DoRA adapter `name`, shaped to scale the base weight's output rows in its own layout."""
+        factor = (self.lora_magnitude_vector[name].weight.detach().float() / norm).view(-1, 1)
+        return factor.T if self.fan_in_fan_out else factor
 
     def merge(self, safe_merge: bool = True, adapter_names: Optional[Iterable[str]] = None) -> None:
         """Merge the adapters into the base weight. Non-finite results are always refused (`safe_merge` is
@@ -442,9 +447,7 @@ class LoraLayer(Wrapper):
         for name in reversed(self.merged_adapters):
             delta = self.delta_weight(name).to(w.device)
             if name in self.lora_magnitude_vector:
-                norm = self.__dict__["_dora_norms"][name]
-                factor = (self.lora_magnitude_vector[name].weight.detach().float() / norm).view(-1, 1)
-                w = w / (factor.T if self.fan_in_fan_out else factor) - delta
+                w = w / self._dora_factor(name, self.__dict__["_dora_norms"][name]) - delta
             else:
                 w = w - delta
         return w

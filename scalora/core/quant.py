@@ -123,11 +123,16 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     return w.data.float()
 
 
+def require_finite(w: torch.Tensor, what: str) -> None:
+    """Refuse a non-finite merged (or unmerged) weight: `what` names it in the message."""
+    if not torch.isfinite(w).all():
+        raise UserError(f"refusing to write a non-finite {what}: the adapter holds NaN or inf values (check the "
+                        "training run that produced it)")
+
+
 def set_dense_weight(layer: nn.Module, new: torch.Tensor, what: str = "merged") -> None:
     """Write a full-precision weight back into the layer, re-quantizing a 4-bit or 8-bit base."""
-    if not torch.isfinite(new).all():
-        raise UserError(f"refusing to write a non-finite {what} weight into {type(layer).__name__}: "
-                         "the adapter holds NaN or inf values (check the training run that produced it)")
+    require_finite(new, f"{what} weight into {type(layer).__name__}")
     w = layer.weight
     if is_4bit(layer):
         _warn_rounding("4-bit")
