@@ -195,7 +195,7 @@ def test_sentencepiece_tokenizer_comes_back(tmp_path, arch, form):
     from scalora.gguf_export import write_gguf
 
     tokenizer = sentencepiece_tokenizer(form=form)
-    merged, _ = _merged(arch, tokenizer, tied=arch == "llama")
+    merged, bare = _merged(arch, tokenizer, tied=arch == "llama")
     write_gguf(merged, tokenizer, str(tmp_path / "m.gguf"), "f32")
     fields = GGUFReader(str(tmp_path / "m.gguf")).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.merges" not in fields
@@ -206,7 +206,8 @@ def test_sentencepiece_tokenizer_comes_back(tmp_path, arch, form):
     assert theirs.chat_template == tokenizer.chat_template
     ids = tokenizer(SPM_TEXTS[2], return_tensors="pt")["input_ids"]
     got = _logits(AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32), ids)
-    assert_rounding_close(got, _logits(merged, ids), logits_rtol(merged), what="f32 file against the merged model")
+    assert_rounding_close(got, _logits(merged, ids), logits_rtol(merged), wrong=_logits(bare, ids),
+                          what="f32 file against the merged model (wrong: the base alone)")
     vocab = tokenizer.get_vocab()
     flat = LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab, {t: -1000.0 for t in vocab}), add_bos_token=True)
     assert any(flat(t)["input_ids"] != tokenizer(t)["input_ids"] for t in SPM_TEXTS)  # measured: 2 of the 4
