@@ -253,13 +253,14 @@ def load(accelerator, model, optimizer, path: str) -> dict[str, Any]:
     return state
 
 
-def save_final_adapter(accelerator, model, path: str) -> None:
-    """The adapter in PEFT format, gathered whole from any sharding and written once by the main process."""
+def save_final_adapter(accelerator, model, path: str, initial: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """The adapter in PEFT format, gathered whole from any sharding and written once by the main process; with
+    `initial` (a PiSSA / OLoRA adapter as initialised) converted to plain LoRA on the original base."""
     unwrapped: PeftModel = accelerator.unwrap_model(model)
     params = sharding.gather_params(unwrapped)
     if accelerator.is_main_process:
         _refuse_nonfinite(params, path)
-        unwrapped.save_pretrained(path, state_dict=params)
+        unwrapped.save_pretrained(path, state_dict=params, initial_state_dict=initial)
     accelerator.wait_for_everyone()
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .core.errors import UserError
-from .core.lora_config import LoraConfig, adapter_problems
+from .core.lora_config import LoraConfig, adapter_problems, weight_init_kind
 
 BUILTIN_MODEL = "builtin:tiny-llama"
 BUILTIN_DATA = "builtin:topics"
@@ -263,6 +263,14 @@ def _range_problems(cfg: RunConfig) -> list[str]:
     if q.bits not in (4, 8, 16):
         p.append(f"quant.bits={q.bits}: must be 4, 8 or 16 (16: no quantization)")
     p += [f"lora.{problem}" for problem in adapter_problems(lo)]
+    if weight_init_kind(lo.init_lora_weights) == "loftq":
+        bits = lo.loftq_config.get("loftq_bits", q.bits) if isinstance(lo.loftq_config, dict) else q.bits
+        if q.bits == 16:
+            p.append("lora.init_lora_weights=loftq takes a 4-bit or 8-bit base's quantization error into A and B; "
+                     "quant.bits=16 has none: set quant.bits=4 (or 8), or use pissa / olora")
+        elif bits != q.bits:
+            p.append(f"lora.loftq_config.loftq_bits={bits} but quant.bits={q.bits}: LoftQ compensates the base's "
+                     "own quantization; make them equal (or drop loftq_bits)")
     if not 0 <= d.validation_fraction < 1:
         p.append(f"data.validation_fraction={d.validation_fraction}: must be in [0, 1)")
     for k in ("max_eval_examples", "max_eval_generate"):

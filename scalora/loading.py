@@ -19,32 +19,26 @@ one the plain path builds, tensor for tensor (tests/test_loading.py), and trains
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .core.adapter_io import checkpoint_index, read_copies as read
+from .core import quant
 from .core.errors import UserError
 
 
 def checkpoint_files(folder: str) -> dict[str, str]:
     """tensor name -> safetensors file, from the index of a sharded checkpoint or the single file."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
-    raise UserError(f"{folder} has no model.safetensors (or its index): low-memory loading reads safetensors "
-                    "checkpoints only; convert the checkpoint with save_pretrained, or set "
-                    "dist.low_memory_loading=false")
+    files = checkpoint_index(folder)
+    if files is None:
+        raise UserError(f"{folder} has no model.safetensors (or its index): low-memory loading reads safetensors "
+                        "checkpoints only; convert the checkpoint with save_pretrained, or set "
+                        "dist.low_memory_loading=false")
+    return files
 
 
 def local_folder(cfg, path: str) -> str:
@@ -91,23 +85,6 @@ def skeleton(cfg, path: str, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def read(files: dict[str, str], names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """The named tensors, copied out of their memory-mapped files: a tensor read from a file is a view of a mapping
-    of the whole file, and a view kept (a 4-bit weight's statistics, a weight a sharder leaves as is) would keep
-    every page read through that mapping resident, layer after layer (measured: the whole packed base again)."""
-    from safetensors import safe_open
-
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for n in names:
-        by_file[files[n]].append(n)
-    out = {}
-    for file, keys in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for k in keys:
-                out[k] = f.get_tensor(k).clone()
-    return out
-
-
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
     """id(tensor) -> every (module, attribute, full name) holding it (a tied tensor has several)."""
     owners: dict[int, list[tuple[nn.Module, str, str]]] = defaultdict(list)
@@ -117,13 +94,6 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
                 if t is not None:
                     owners[id(t)].append((module, attr, f"{mname}.{attr}" if mname else attr))
     return owners
-
-
-def _is_conv1d_source(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    source = getattr(module, "source_cls", None)
-    return isinstance(source, type) and issubclass(source, Conv1D)
 
 
 class LayerwiseLoader:
@@ -182,7 +152,7 @@ class LayerwiseLoader:
                 new = bnb.nn.Params4bit.from_prequantized(data=tensors[name], quantized_stats=stats,
                                                           requires_grad=False, device=device, module=module)
             elif quantized:  # as transformers' Bnb4bitQuantize does it (a GPT-2 Conv1D stores (in, out))
-                value = tensors[name].T if _is_conv1d_source(module) else tensors[name]
+                value = tensors[name].T if quant.is_conv1d_source(module) else tensors[name]
                 kwargs = {k: v for k, v in old.__dict__.items() if k != "module"}
                 new = bnb.nn.Params4bit(value.to(load_dtype), requires_grad=False, module=module,
                                         **kwargs).to(device)
@@ -212,8 +182,9 @@ class LayerwiseLoader:
 
     def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None,
              filled: Optional[Callable[[Optional[int]], None]] = None) -> None:
-        """Fill every decoder layer, calling `filled(i)` (DoRA's magnitudes: scalora/core/lora.py
-        init_dora_magnitudes) and then `shard_layer(i)` after layer i, then the rest (`filled(None)`)."""
+        """Fill every decoder layer, calling `filled(i)` (the initialisations from the weights, DoRA's magnitudes:
+        scalora/core/init_weights.py finish) and then `shard_layer(i)` after layer i, then the rest
+        (`filled(None)`)."""
         for i in range(self.n_layers):
             self.fill(i, device)
             if filled is not None:

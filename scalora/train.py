@@ -29,6 +29,7 @@ from .evaluate import describe, validate
 from .gguf_base import gguf_source
 from .hardware import cpu_features, limit_onednn_cache
 from .loss import token_loss_sum
+from .core.init_weights import changes_base
 from .model import base_folder, build_model, prequantized_storage, run_compute_dtype
 from .tracking import Progress, Tracker, choose_tracker, plot_losses, summary_text
 
@@ -175,6 +176,10 @@ def setup(cfg: RunConfig) -> Run:
     scheduler = make_scheduler(optimizer, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     params = [p for p in model.parameters() if p.requires_grad]  # FSDP and DeepSpeed replace them
+    # PiSSA / OLoRA left the residual in the base: the final adapter is converted to plain LoRA on the original
+    # base with the adapter as initialised (computed again, the same, by a resumed run)
+    initial = sharding.gather_params(accelerator.unwrap_model(model)) \
+        if changes_base(cfg.lora.init_lora_weights) else None
     # from here on, the peak is training's (what `scalora plan` predicts)
     load_peak = max(build_peak, dist.reset_peak_memory())
     config_yaml = os.path.join(out, "config.yaml")
@@ -194,7 +199,8 @@ def setup(cfg: RunConfig) -> Run:
     tracker.truncate_after(start if resume_from else -1)  # a run killed before its first checkpoint restarts clean
     info = dict(threads=threads, base_path=base_path, trainable=trainable, all_params=all_params,
                 load_peak=load_peak, load_memory=load_memory, process_peak=max(early_peak, load_peak), t_start=t_start,
-                dtype=str(dtype).removeprefix("torch."), dtype_why=dtype_why, resume_from=resume_from)
+                dtype=str(dtype).removeprefix("torch."), dtype_why=dtype_why, resume_from=resume_from,
+                initial_adapter=initial)
     run = Run(cfg, accelerator, model, optimizer, scheduler, tokenizer, data, params, total, start, run_id,
               tokens_before, tracker, Progress(accelerator.is_main_process, total, start), stopper, config_yaml,
               info)
@@ -392,7 +398,11 @@ def _finish(run: Run, tokens_seen: int, elapsed: float, paused: dict[str, float]
             last_eval: dict) -> dict[str, Any]:
     """The final adapter, summary.json, the loss plot."""
     accelerator, info, out = run.accelerator, run.info, run.cfg.train.output_dir
-    checkpoint.save_final_adapter(accelerator, run.model, os.path.join(out, "final"))
+    checkpoint.save_final_adapter(accelerator, run.model, os.path.join(out, "final"), info["initial_adapter"])
+    if info["initial_adapter"] is not None:
+        run.log.line(f"{out}/final: the {run.cfg.lora.init_lora_weights} adapter converted to plain LoRA on the "
+                     f"original base (r {run.cfg.lora.r} -> {2 * run.cfg.lora.r}); the checkpoints' adapters keep "
+                     "the residual form (loading one derives the residual base again)")
     opt_elements = accelerator.gather(torch.tensor([sharding.local_optimizer_state_elements(run.optimizer)],
                                                    device=accelerator.device)).tolist()
     peak = dist.peak_memory_bytes()

@@ -259,8 +259,8 @@ def test_disable_set_and_delete_adapter():
 
 def test_meta_base_waits_for_its_weights():
     """On a base on the meta device (the layer-by-layer loader's skeleton) the magnitude is left pending, a forward
-    before it is computed is refused, and init_dora_magnitudes computes what a loaded base gives."""
-    from scalora.core.lora import init_dora_magnitudes
+    before it is computed is refused, and init_weights.finish computes what a loaded base gives."""
+    from scalora.core.init_weights import finish
 
     from accelerate import init_empty_weights
 
@@ -276,7 +276,7 @@ def test_meta_base_waits_for_its_weights():
     model.get_base_model().load_state_dict(wrapped, assign=True, strict=False)
     with pytest.raises(RuntimeError, match="never computed"):
         _logits(model)
-    assert init_dora_magnitudes(model) == len(layers)
+    assert finish(model) == len(layers)
     ref = dict(loaded.named_parameters())
     for n, p in model.named_parameters():
         if "lora_magnitude_vector" in n:

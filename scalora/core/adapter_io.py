@@ -26,6 +26,44 @@ def read_tensors(path: str, what: str = "an adapter_model.safetensors written by
                         "(an interrupted copy or download) or another kind of file") from None
 
 
+def checkpoint_index(folder: str) -> Optional[dict[str, str]]:
+    """tensor name -> safetensors file of a model checkpoint folder (the index of a sharded one, or the single
+    model.safetensors), None where it has neither."""
+    import json
+    import os
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    return None
+
+
+def read_copies(files: dict[str, str], names) -> dict[str, torch.Tensor]:
+    """The named tensors, copied out of their memory-mapped files: a tensor read from a file is a view of a mapping
+    of the whole file, and a view kept (a 4-bit weight's statistics, a weight a sharder leaves as is) would keep
+    every page read through that mapping resident, layer after layer (measured: the whole packed base again)."""
+    from collections import defaultdict
+
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        by_file[files[n]].append(n)
+    out = {}
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for k in keys:
+                out[k] = f.get_tensor(k).clone()
+    return out
+
+
 def adapter_key_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> dict[str, str]:
     """File key -> model state-dict key, for every tensor that belongs to `adapter_name`.
 

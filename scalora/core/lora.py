@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import quant
+from . import init_weights, quant
 
 
 class Wrapper(nn.Module):
@@ -216,6 +216,7 @@ class LoraLayer(Wrapper):
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.dora_pending: set[str] = set()  # DoRA magnitudes still to compute (a base on the meta device)
+        self.init_pending: dict[str, str] = {}  # adapter -> PiSSA / OLoRA / LoftQ, still to compute (init_weights)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -232,9 +233,11 @@ class LoraLayer(Wrapper):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: Union[bool, str], use_rslora: bool, use_dora: bool = False) -> None:
-        """Add (or replace) one adapter on this layer. DoRA's magnitude is the row norms of W + scaling * B A; on a
-        base still on the meta device (loaded layer by layer, scalora/loading.py) it is computed by
-        `init_dora_magnitudes` once the layer's weights are in (`dora_pending` until then)."""
+        """Add (or replace) one adapter on this layer. An initialisation from the base weight (PiSSA, OLoRA, LoftQ:
+        scalora/core/init_weights.py) and DoRA's magnitude (the row norms of W + scaling * B A, so after that
+        initialisation) are left pending when they cannot be computed here: `init_weights.finish` computes them
+        once the base is loaded (LoraModel right after adding the adapter; the layer-by-layer loader,
+        scalora/loading.py, once the layer's weights are in)."""
         device = _param_device(self.base_layer)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
@@ -243,12 +246,16 @@ class LoraLayer(Wrapper):
         # Created as peft creates them (nn.Linear default init, then reset), so that a seed gives peft's weights.
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.init_pending.pop(adapter_name, None)
+        if init_weights.kind(init_lora_weights) is not None:
+            self.init_pending[adapter_name] = init_lora_weights  # peft draws nothing more for these either
+        else:
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
         self.dora_pending.discard(adapter_name)
         if use_dora:
-            if quant.linear_weight_is_meta(self.base_layer):
+            if quant.linear_weight_is_meta(self.base_layer) or adapter_name in self.init_pending:
                 self.lora_magnitude_vector[adapter_name] = DoraMagnitude(
                     torch.zeros(self.out_features, device=device, dtype=torch.float32))
                 self.dora_pending.add(adapter_name)
@@ -362,6 +369,10 @@ class LoraLayer(Wrapper):
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
+            if name in self.init_pending:
+                raise RuntimeError(f"adapter {name!r}: init_lora_weights={self.init_pending[name]!r} was never "
+                                   "computed (the base was on the meta device; call "
+                                   "scalora.core.init_weights.finish after loading it)")
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             keep = autocast and lora_A.weight.dtype == torch.float32
             inp = x if keep else x.to(lora_A.weight.dtype)
@@ -370,7 +381,8 @@ class LoraLayer(Wrapper):
             if name in self.lora_magnitude_vector:
                 if name in self.dora_pending:
                     raise RuntimeError(f"DoRA adapter {name!r}: its magnitude was never computed (the base was on "
-                                       "the meta device; call init_dora_magnitudes after loading it)")
+                                       "the meta device; call scalora.core.init_weights.finish after "
+                                       "loading it)")
                 if result.shape != out_shape:
                     result = result.view(out_shape)
                 in_place = False
@@ -462,7 +474,7 @@ class LoraLayer(Wrapper):
     def delete_adapter(self, adapter_name: str) -> None:
         self.dora_pending.discard(adapter_name)
         for d in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling,
-                  self.lora_magnitude_vector):
+                  self.lora_magnitude_vector, self.init_pending):
             if adapter_name in d:
                 del d[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -482,19 +494,6 @@ class LoraLayer(Wrapper):
     def extra_repr(self) -> str:
         dora = f", dora={sorted(self.lora_magnitude_vector)}" if self.lora_magnitude_vector else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}{dora}"
-
-
-def init_dora_magnitudes(module: nn.Module) -> int:
-    """Compute the DoRA magnitudes left pending in `module`'s LoRA layers (their base was on the meta device when
-    the adapter was added): called by the layer-by-layer loader once a decoder layer's weights are in, before the
-    layer is sharded, so no process ever holds more than that layer de-quantized. Returns how many."""
-    n = 0
-    for m in module.modules():
-        if isinstance(m, LoraLayer):
-            for name in list(m.dora_pending):
-                m.init_dora_magnitude(name)
-                n += 1
-    return n
 
 
 class ModulesToSaveWrapper(nn.Module):

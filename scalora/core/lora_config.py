@@ -7,6 +7,7 @@ import enum
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -40,7 +41,6 @@ _PEFT_FEATURES_OFF: dict[str, Any] = {
     "use_qalora": False,
     "alora_invocation_tokens": None,
     "megatron_config": None,
-    "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
     "arrow_config": None,
@@ -50,6 +50,16 @@ _PEFT_BOOKKEEPING = {
     "auto_mapping", "revision", "megatron_core", "runtime_config", "qalora_group_size", "peft_version",
     "ensure_weight_tying", "lora_ga_config", "use_bdlora", "bdlora_config",
 }
+
+
+def weight_init_kind(init: Any) -> Optional[str]:
+    """"pissa", "olora" or "loftq" for the initialisations computed from the base weight
+    (scalora/core/init_weights.py), else None."""
+    if not isinstance(init, str):
+        return None
+    if init == "pissa" or re.fullmatch(r"pissa_niter_\d+", init):
+        return "pissa"
+    return init if init in ("olora", "loftq") else None
 
 
 def adapter_problems(c: Any) -> list[str]:
@@ -64,9 +74,25 @@ def adapter_problems(c: Any) -> list[str]:
         p.append(f"lora_dropout={c.lora_dropout!r}: must be in [0, 1), e.g. 0.05; 0 turns it off")
     if c.bias not in ("none", "all", "lora_only"):
         p.append(f"bias={c.bias!r}: must be 'none', 'all' or 'lora_only'")
-    if not (c.init_lora_weights is True or c.init_lora_weights is False or c.init_lora_weights == "gaussian"):
-        p.append(f"init_lora_weights={c.init_lora_weights!r}: scalora supports True (Kaiming A, zero B), "
-                 "'gaussian' or False")
+    init = c.init_lora_weights
+    if not (init is True or init is False or init == "gaussian" or weight_init_kind(init)):
+        p.append(f"init_lora_weights={init!r}: scalora supports True (Kaiming A, zero B), 'gaussian', False, "
+                 "'pissa', 'pissa_niter_<n>' (e.g. pissa_niter_4), 'olora' or 'loftq'")
+    loftq = c.loftq_config
+    if not isinstance(loftq, dict):
+        p.append(f"loftq_config={loftq!r}: must be a mapping, e.g. {{loftq_bits: 4, loftq_iter: 1}}, or empty")
+    else:
+        if loftq and init != "loftq":
+            p.append(f"loftq_config={loftq!r} is only read with init_lora_weights='loftq': drop it or set that")
+        unknown = sorted(set(loftq) - {"loftq_bits", "loftq_iter"})
+        if unknown:
+            p.append(f"loftq_config: unknown keys {unknown}; it takes loftq_bits (4 or 8) and loftq_iter (1)")
+        if loftq.get("loftq_bits", 4) not in (4, 8):
+            p.append(f"loftq_config.loftq_bits={loftq['loftq_bits']!r}: must be 4 or 8, the base's quantization")
+        if loftq.get("loftq_iter", 1) != 1:
+            p.append(f"loftq_config.loftq_iter={loftq['loftq_iter']!r}: scalora runs LoftQ's one iteration, which "
+                     "keeps the base as the checkpoint quantizes it (more iterations quantize W - B A instead, a "
+                     "base only the initialising run has); set 1")
     for name in ("target_modules", "exclude_modules", "layers_pattern"):
         v = getattr(c, name)
         if v is not None and not isinstance(v, str) and not (
@@ -119,9 +145,13 @@ class LoraConfig:
     use_dora: bool = field(default=False, metadata={
         "help": "DoRA: each output's weight split into a trained magnitude and the direction of W + scaling * B A "
                 "(the norm taken as a constant in backward, as the DoRA paper and peft do)"})
-    init_lora_weights: Union[bool, Literal["gaussian"]] = field(
-        default=True, metadata={"help": "True: Kaiming A, zero B; 'gaussian': N(0, 1/r) A, zero B; False: random"}
+    init_lora_weights: Union[bool, str] = field(
+        default=True, metadata={"help": "True: Kaiming A, zero B; 'gaussian': N(0, 1/r) A, zero B; False: random; "
+                                        "'pissa' / 'pissa_niter_<n>' / 'olora': from W's SVD / QR, the base becomes "
+                                        "the residual; 'loftq': A, B take a 4-/8-bit base's quantization error"}
     )
+    loftq_config: dict[str, int] = field(default_factory=dict, metadata={
+        "help": "init_lora_weights='loftq' only: {loftq_bits: 4 or 8 (the base's), loftq_iter: 1}"})
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "layer indices"})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "name of the layer list"})
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "per-module r, by regex"})

@@ -7,7 +7,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from . import quant, targets
+from . import init_weights, quant, targets
 from .errors import UserError
 from .lora import LoraLayer, ModulesToSaveWrapper, Wrapper
 from .lora_config import LoraConfig, TaskType
@@ -62,6 +62,7 @@ class LoraModel(Wrapper):
             matched.append(key)
         if not matched:
             raise targets.no_match_error(config, self.model)
+        self.finish_initialisation()
 
         modules_to_save = config.modules_to_save
         if modules_to_save is None and config.task_type == TaskType.SEQ_CLS:
@@ -79,6 +80,37 @@ class LoraModel(Wrapper):
         self._mark_trainable(adapter_name)
         active = [n for n in self.active_adapters if n in self.peft_config]
         self.set_adapter(active or adapter_name)
+
+    def finish_initialisation(self) -> int:
+        """Compute the initialisations left pending on loaded layers (PiSSA / OLoRA / LoftQ, then DoRA's
+        magnitudes; scalora/core/init_weights.py), a quantized layer's original weight read from the checkpoint the
+        base came from. Layers still on the meta device wait for the layer-by-layer loader."""
+        return init_weights.finish(self.model, self._original_weights())
+
+    def derive_residual(self, adapter_name: str, init: str) -> None:
+        """Turn the base into the residual that PiSSA / OLoRA initialisation `init` leaves, keeping the adapter's
+        A and B: an adapter trained from that initialisation, loaded from its file onto the original base (peft's
+        files keep init_lora_weights, and peft derives the residual again the same way on load)."""
+        weights = self._original_weights()
+        for name, m in self.model.named_modules():
+            if isinstance(m, LoraLayer) and adapter_name in m.lora_A:
+                q = quant.is_4bit(m.base_layer) or quant.is_8bit(m.base_layer)
+                init_weights.apply(m, adapter_name, init, weights(name, m) if q else None, set_adapter=False)
+
+    def _original_weights(self):
+        """name, layer -> the layer's weight before quantization, from the base's checkpoint (opened once)."""
+        checkpoint: list[Any] = []
+
+        def weights(name: str, layer: nn.Module) -> torch.Tensor:
+            if not checkpoint:
+                checkpoint.append(init_weights.CheckpointWeights.of(self.model))
+            if checkpoint[0] is None:
+                raise UserError("PiSSA / OLoRA / LoftQ initialisation on a quantized base needs its original "
+                                "weights, and the model names no checkpoint (config.name_or_path): load it with "
+                                "from_pretrained from a folder or hub id")
+            return checkpoint[0](name, layer)
+
+        return weights
 
     def _mark_trainable(self, adapter_name: str) -> None:
         """Freeze everything but adapters, then the biases that `bias` asks for (peft's rule)."""

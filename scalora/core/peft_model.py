@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from typing import Any, Iterator, Optional, Union
@@ -18,7 +19,8 @@ from . import interop, quant
 from .adapter_io import get_peft_model_state_dict, read_tensors, set_peft_model_state_dict
 from .errors import UserError
 from .lora import Wrapper
-from .lora_config import WEIGHTS_NAME, LoraConfig, resolve_adapter_file
+from .init_weights import changes_base, convert_to_lora
+from .lora_config import WEIGHTS_NAME, LoraConfig, resolve_adapter_file, weight_init_kind
 from .lora_model import LoraModel
 
 class _ForwardWithTheBaseSignature:
@@ -174,8 +176,16 @@ class PeftModel(Wrapper, interop.peft_model_class()):
     # --- files ------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, selected_adapters: Optional[list[str]] = None,
                         state_dict: Optional[dict[str, torch.Tensor]] = None, is_main_process: bool = True,
-                        safe_serialization: bool = True, **_: Any) -> None:
-        """Write each adapter in PEFT's format: "default" into `save_directory`, others into a sub-folder."""
+                        safe_serialization: bool = True,
+                        path_initial_model_for_weight_conversion: Optional[str] = None,
+                        initial_state_dict: Optional[dict[str, torch.Tensor]] = None, **_: Any) -> None:
+        """Write each adapter in PEFT's format: "default" into `save_directory`, others into a sub-folder.
+
+        A PiSSA / OLoRA adapter fits the residual base its initialisation left; with
+        `path_initial_model_for_weight_conversion` (the folder the adapter was saved to right after
+        initialisation, as in peft) or `initial_state_dict` (that adapter's parameters, by the model's names) it is
+        written as plain LoRA on the original base instead (init_weights.convert_to_lora: r and lora_alpha
+        doubled), what vLLM, TGI and a peft user with the original base load."""
         if not safe_serialization:
             raise UserError("scalora writes adapters as safetensors only (safe_serialization=True)")
         if os.path.isfile(save_directory):
@@ -188,6 +198,17 @@ class PeftModel(Wrapper, interop.peft_model_class()):
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
             config = self.peft_config[name]
+            if path_initial_model_for_weight_conversion is not None or initial_state_dict is not None:
+                if path_initial_model_for_weight_conversion is not None:
+                    initial = read_tensors(resolve_adapter_file(path_initial_model_for_weight_conversion,
+                                                                WEIGHTS_NAME))
+                else:
+                    initial = get_peft_model_state_dict(self, state_dict=initial_state_dict, adapter_name=name)
+                tensors, config = convert_to_lora(tensors, initial, config)
+            if weight_init_kind(config.init_lora_weights) == "loftq":
+                # LoftQ leaves the base as it is: the file is plain LoRA (as peft's replace_lora_weights_loftq
+                # leaves it); "loftq" would make peft run LoftQ again on load, on a GPU
+                config = dataclasses.replace(config, init_lora_weights=True, loftq_config={})
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       os.path.join(out, WEIGHTS_NAME), metadata={"format": "pt"})
             _with_inference_mode(config, True).save_pretrained(out)
@@ -204,12 +225,19 @@ class PeftModel(Wrapper, interop.peft_model_class()):
             set_peft_model_state_dict(self, file_state, adapter_name, source=weights)
             self.set_requires_grad(adapter_name, is_trainable and adapter_name in self.active_adapters)
             return
-        self.base_model.inject_adapter(config, adapter_name)
+        # The file's A and B replace any initialisation: none is computed. An adapter trained from PiSSA / OLoRA
+        # fits the residual base, derived again from this (original) base once the file is known to fit.
+        init = config.init_lora_weights if weight_init_kind(config.init_lora_weights) else None
+        self.base_model.inject_adapter(dataclasses.replace(config, init_lora_weights=True) if init else config,
+                                       adapter_name)
         try:
             set_peft_model_state_dict(self, file_state, adapter_name, source=weights)
         except Exception:
             self.base_model.delete_adapter(adapter_name)
             raise
+        self.base_model.peft_config[adapter_name] = config
+        if changes_base(init):
+            self.base_model.derive_residual(adapter_name, init)
         if not is_trainable:
             self.eval()
 

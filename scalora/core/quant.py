@@ -95,6 +95,13 @@ def keeps_no_output(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear or is_4bit(layer) or is_8bit(layer)
 
 
+def is_conv1d_source(layer: nn.Module) -> bool:
+    """Whether a bitsandbytes layer was made from a GPT-2 `Conv1D` (transformers' quantizer records it as
+    `source_cls`): its checkpoint tensor is (in, out) while the layer holds (out, in)."""
+    source = getattr(layer, "source_cls", None)
+    return Conv1D is not None and isinstance(source, type) and issubclass(source, Conv1D)
+
+
 def is_wrappable(layer: nn.Module) -> bool:
     """Whether LoRA can wrap this layer (bitsandbytes' layers subclass `nn.Linear`)."""
     return isinstance(layer, nn.Linear) or is_conv1d(layer)
@@ -130,19 +137,22 @@ def require_finite(w: torch.Tensor, what: str) -> None:
                         "training run that produced it)")
 
 
-def set_dense_weight(layer: nn.Module, new: torch.Tensor, what: str = "merged") -> None:
-    """Write a full-precision weight back into the layer, re-quantizing a 4-bit or 8-bit base."""
+def set_dense_weight(layer: nn.Module, new: torch.Tensor, what: str = "merged", warn: bool = True) -> None:
+    """Write a full-precision weight back into the layer, re-quantizing a 4-bit or 8-bit base (`warn`: say that a
+    merge rounds; not for a weight quantized once, as PiSSA's residual)."""
     require_finite(new, f"{what} weight into {type(layer).__name__}")
     w = layer.weight
     if is_4bit(layer):
-        _warn_rounding("4-bit")
+        if warn:
+            _warn_rounding("4-bit")
         layer.weight = bnb.nn.Params4bit(
             new.to(w.quant_state.dtype).cpu(), requires_grad=False, blocksize=w.blocksize,
             compress_statistics=w.compress_statistics, quant_type=w.quant_type, quant_storage=w.quant_storage,
             module=layer,
         ).to(w.device)
     elif is_8bit(layer):
-        _warn_rounding("8-bit")
+        if warn:
+            _warn_rounding("8-bit")
         layer.weight = bnb.nn.Int8Params(new.cpu(), requires_grad=False,
                                          has_fp16_weights=w.has_fp16_weights).to(w.device)
         layer.state.reset_grads()
