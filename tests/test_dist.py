@@ -351,3 +351,16 @@ def test_dora_under_each_topology(env, reference_dora, reference, name):
     assert any(k.endswith("lora_magnitude_vector") for k in adapter(out))
     plain = adapter(reference)
     assert set(adapter(reference_dora)) - set(plain)  # the magnitudes: what plain LoRA has not
+
+
+def test_pissa_under_fsdp(env):
+    """PiSSA initialisation (the base becomes the residual W - s B A, quantized to 4-bit) under FSDP2: the
+    layer-by-layer loader computes each decoder layer's SVD from the checkpoint's weights once the layer is in, before
+    fully_shard shards it, on every rank alike. Losses and the final adapter (plain LoRA on the original base, rank 2r)
+    equal the single-process PiSSA run's to the tolerances of the other topology tests."""
+    reference_pissa = _single_run(env, "pissa", "lora.init_lora_weights=pissa")
+    out = env["root"] / "dist-pissa-fsdp"
+    launch(env, TOPOLOGIES["fsdp"], "configs/tiny.yaml", *DIST, "lora.init_lora_weights=pissa",
+           f"train.output_dir={out}")
+    assert_runs_agree(env, out, reference_pissa)
+    assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 32
