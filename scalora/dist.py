@@ -319,11 +319,6 @@ def topology_problems(kind: str, cfg, storage: Optional[torch.dtype] = None,
                         "which ZeRO-3 gathers only inside the base layer's own call (not handled in scalora yet); "
                         "use launch/fsdp.yaml (sharded, tested equal to one process) or launch/zero2.yaml / "
                         "launch/ddp.yaml")
-    if kind.startswith("zero") and cfg.train.loraplus_lr_ratio:
-        problems.append(f"train.loraplus_lr_ratio={cfg.train.loraplus_lr_ratio} under {kind}: LoRA+'s two parameter "
-                        "groups do not come through DeepSpeed as scalora hands them over yet (measured: ZeRO-2 "
-                        "fails at its first step, ZeRO-3 trains other losses than one process); use launch/fsdp.yaml "
-                        "(sharded, tested equal to one process) or launch/ddp.yaml, or drop train.loraplus_lr_ratio")
     if kind in ("zero3", "fsdp") and cfg.quant.bits == 8:
         problems.append(f"quant.bits=8: LLM.int8 weights cannot be sharded by {kind}: use quant.bits=4 (QLoRA), or "
                         "launch/ddp.yaml / launch/zero2.yaml, which keep the base whole on every process")

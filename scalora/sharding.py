@@ -109,6 +109,7 @@ def gather_optimizer_state(model: nn.Module, optimizer) -> tuple[dict[str, torch
     if any(_is_deepspeed(p) for _, p in trainable(model)):
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        _link_deepspeed_state(optimizer)
         state = {name: {key: safe_get_full_optimizer_state(p, key) for key in _deepspeed_state_keys(base)}
                  for name, p in trainable(model)}
     else:
@@ -126,6 +127,20 @@ def gather_optimizer_state(model: nn.Module, optimizer) -> tuple[dict[str, torch
     steps = [s["step"] for s in base.state.values() if "step" in s]
     scalars["::step"] = (steps[0].item() if torch.is_tensor(steps[0]) else steps[0]) if steps else 0
     return tensors, scalars
+
+
+def _link_deepspeed_state(optimizer) -> None:
+    """Point every parameter's view of ZeRO-1/2's optimizer state at the state as it is now. DeepSpeed links the
+    views once, right after the step of the first parameter group, when the later groups have no state yet: with
+    several groups (LoRA+'s two learning rates) their views stay empty for good, and reading or restoring their
+    state failed ("exp_avg not found in optimizer state fragment", measured with DeepSpeed 0.19.8 at the first
+    checkpoint). Linking again is what DeepSpeed's own lazy step does, for every group; ZeRO-3 keeps no such views."""
+    zero = optimizer
+    while zero is not None and not hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero = getattr(zero, "optimizer", None)
+    if zero is not None:
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
 
 
 def _deepspeed_state_keys(base) -> list[str]:
@@ -168,6 +183,7 @@ def _scatter_deepspeed_optimizer_state(model: nn.Module, optimizer, tensors: dic
         if flat is not None and flat.numel() and not base.state.get(flat):
             base.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
                                 "exp_avg_sq": torch.zeros_like(flat)}
+    _link_deepspeed_state(optimizer)
     for name, p in trainable(model):
         for key in _deepspeed_state_keys(base):
             safe_set_full_optimizer_state(p, tensors[f"{name}::{key}"].to(p.device), key)

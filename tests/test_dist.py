@@ -164,9 +164,6 @@ def test_impossible_combinations_are_refused_at_start(env):
     p = launch(env, TOPOLOGIES["zero2"], "configs/tiny.yaml", *DIST, "train.optimizer=adamw_8bit",
                f"train.output_dir={env['root'] / 'dist-bad2'}", check=False)
     assert p.returncode != 0 and "train.optimizer=adamw" in p.stderr
-    p = launch(env, TOPOLOGIES["zero3"], "configs/tiny.yaml", *DIST, "train.loraplus_lr_ratio=16",
-               f"train.output_dir={env['root'] / 'dist-bad3'}", check=False)
-    assert p.returncode != 0 and "launch/fsdp.yaml" in p.stderr and "loraplus_lr_ratio" in p.stderr
     p = launch(env, TOPOLOGIES["zero3"], "configs/tiny.yaml", *DIST, "lora.use_dora=true",
                f"train.output_dir={env['root'] / 'dist-bad4'}", check=False)
     assert p.returncode != 0 and "lora.use_dora=true under zero3" in p.stderr
@@ -316,11 +313,13 @@ def reference_loraplus(env):
 
 
 def test_loraplus_under_sharded_optimizers(env, reference_loraplus, reference):
-    """LoRA+ (two learning rates in two parameter groups) where the optimizer state is sharded, under FSDP2: losses
+    """LoRA+ (two learning rates in two parameter groups) where the optimizer state is sharded, under ZeRO-3: losses
     and adapter equal the single-process LoRA+ run's (the tolerances of the other topology tests); the plain run's
-    adapter, one lr for all, differs from it. Under DeepSpeed it is refused before training (measured: ZeRO-2 failed
-    at its first step, ZeRO-3 trained other losses)."""
-    name = "fsdp"
+    adapter, one lr for all, differs from it. Two bugs this found: a parameter ZeRO-3 shards while loading holds an
+    empty 1-D tensor, and LoRA+ put every one in lora_B's group (16x lr, other losses from step 3); and ZeRO-2 left
+    the second group's optimizer state unlinked (its first checkpoint failed; sharding._link_deepspeed_state). FSDP2
+    and ZeRO-2 passed this check when they were fixed, and are left out for the suite's time."""
+    name = "zero3"
     out = env["root"] / f"dist-loraplus-{name}"
     launch(env, TOPOLOGIES[name], "configs/tiny.yaml", *DIST, "train.loraplus_lr_ratio=16", f"train.output_dir={out}")
     assert_runs_agree(env, out, reference_loraplus)
