@@ -314,11 +314,6 @@ def topology_problems(kind: str, cfg, storage: Optional[torch.dtype] = None,
     if sharded and cfg.train.optimizer != "adamw":
         problems.append(f"train.optimizer={cfg.train.optimizer} keeps block-wise 8-bit state that {kind} cannot "
                         "shard: use train.optimizer=adamw (sharding already divides the optimizer memory)")
-    if kind == "zero3" and cfg.lora.use_dora:
-        problems.append("lora.use_dora=true under zero3: DoRA reads each layer's whole base weight for its norm, "
-                        "which ZeRO-3 gathers only inside the base layer's own call (not handled in scalora yet); "
-                        "use launch/fsdp.yaml (sharded, tested equal to one process) or launch/zero2.yaml / "
-                        "launch/ddp.yaml")
     if kind in ("zero3", "fsdp") and cfg.quant.bits == 8:
         problems.append(f"quant.bits=8: LLM.int8 weights cannot be sharded by {kind}: use quant.bits=4 (QLoRA), or "
                         "launch/ddp.yaml / launch/zero2.yaml, which keep the base whole on every process")

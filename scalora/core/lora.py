@@ -23,6 +23,7 @@ layer before its forward).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any, Iterable, Optional, Union
@@ -287,12 +288,15 @@ class LoraLayer(Wrapper):
         a, b, w = self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer.weight
         if torch.compiler.is_compiling():
             return self.dora_norm(name)
-        key = (w.data_ptr(), w._version, w.shape)
         cache = self.__dict__.setdefault("_dora_norm_cache", {})
         hit = cache.get(name)
-        with torch.no_grad():
+        with torch.no_grad(), _gathered(a, b):
+            # (ZeRO-3 puts a gathered weight in new memory each time: the tensor object is the key there; a
+            # sharded base is never merged into)
+            key = ("ds", id(w)) if hasattr(w, "ds_id") else (w.data_ptr(), w._version, w.shape)
             if hit is None or hit[0] != key or not (torch.equal(hit[1], a) and torch.equal(hit[2], b)):
-                hit = (key, a.detach().clone(), b.detach().clone(), self.dora_norm(name))
+                with _gathered(w):
+                    hit = (key, a.detach().clone(), b.detach().clone(), self.dora_norm(name))
                 cache[name] = hit
         return hit[3]
 
@@ -314,15 +318,16 @@ class LoraLayer(Wrapper):
         coefficients and `factor` go on the (out,) vector, and scaling * m / n onto B's (out, r) weight, so that
         B's matmul yields its term already scaled. Rounded differently from peft's order (fp32: ~1e-7 relative)."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        scale = self.lora_magnitude_vector[name].weight / self._cached_dora_norm(name)  # (out,)
+        # ZeRO-3 gathers a module's parameters only inside its own call: the magnitude and B go in through theirs
+        zero3 = hasattr(lora_B.weight, "ds_id")
+        scale = self.lora_magnitude_vector[name](self._cached_dora_norm(name))  # m / n, (out,)
         bias = getattr(self.base_layer, "bias", None)
         a = lora_A(h)  # (..., r)
-        b = lora_B.weight * (scale * (self.scaling[name] * factor)).unsqueeze(1)  # (out, r)
         if not dropped:  # result + (m/n - 1) (result - bias) = (m/n) result - (m/n - 1) bias
             new = result * scale if bias is None else torch.addcmul(-(scale - 1) * bias, result, scale)
         else:
             coef = (scale - 1) * factor
-            if quant.is_4bit(self.base_layer):
+            if quant.is_4bit(self.base_layer) or zero3:
                 # the base's product on the dropped input through bitsandbytes' own 4-bit matmul, which keeps the
                 # packed weight for backward (F.linear with the de-quantized W, peft's, keeps that fp32 copy: a
                 # layer's worth of memory per layer); the same numbers in its compute dtype
@@ -333,6 +338,9 @@ class LoraLayer(Wrapper):
                 # as bitsandbytes' int8 matmul would also round the input to int8)
                 prod = F.linear(h, self.dense_weight().to(h.dtype))
             new = torch.addcmul(result, prod, coef)
+        if zero3:  # one more pass over (tokens, out) than folding the coefficients into B's weight
+            return new + lora_B(a) * (scale * (self.scaling[name] * factor)).to(a.dtype)
+        b = lora_B.weight * (scale * (self.scaling[name] * factor)).unsqueeze(1)  # (out, r)
         return new + F.linear(a, b.to(a.dtype))
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str]) -> None:
@@ -535,11 +543,29 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 class DoraMagnitude(nn.Module):
-    """DoRA's magnitude vector of one adapter (peft's `lora_magnitude_vector.<adapter>`, the vector its `weight`)."""
+    """DoRA's magnitude vector of one adapter (peft's `lora_magnitude_vector.<adapter>`, the vector its `weight`).
+    Called with the row norms n, it returns m / n: inside its own call, where ZeRO-3 has gathered m."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight)
+
+    def forward(self, norm: torch.Tensor) -> torch.Tensor:
+        return self.weight / norm
+
+
+def _gathered(*params: torch.Tensor):
+    """DeepSpeed ZeRO-3's whole-parameter context for `params` (read only) where they are sharded by it, else
+    nothing."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # one already whole (a small parameter ZeRO-3 keeps whole, one its hooks fetched) is left to its owner: a
+    # context that partitioned it again on exit would pull it from under the module using it
+    missing = [p for p in params if hasattr(p, "ds_id") and p.ds_status != ZeroParamStatus.AVAILABLE]
+    return deepspeed.zero.GatheredParameters(missing, modifier_rank=None) if missing else contextlib.nullcontext()
 
 
 def _param_device(module: nn.Module) -> torch.device:
