@@ -115,6 +115,7 @@ CASES = [  # (strategy, launch file, gradient checkpointing, micro-batch, max_le
     ("zero2", "launch/zero2.yaml", True, 4, 256),
     ("zero3", "launch/zero3.yaml", False, 4, 256),
     ("fsdp", "launch/fsdp.yaml", True, 4, 256),
+    ("single+dora", None, True, 8, 512),  # DoRA's magnitudes, their AdamW state and its saved activations
 ]
 
 
@@ -132,8 +133,9 @@ def peak_and_prediction(env, runtime):
         if (strategy, gc) in done:
             return done[(strategy, gc)]
         out = env["root"] / f"plan-{strategy}-{int(gc)}"
+        strategy, _, variant = strategy.partition("+")
         over = [*RUN, f"train.output_dir={out}", f"train.micro_batch_size={micro}", f"data.max_length={length}",
-                f"model.gradient_checkpointing={str(gc).lower()}"]
+                f"model.gradient_checkpointing={str(gc).lower()}", f"lora.use_dora={str(variant == 'dora').lower()}"]
         e = {**env, "env": dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536")}
         if launch_file:
             launch(e, launch_file, *over)
@@ -142,13 +144,13 @@ def peak_and_prediction(env, runtime):
         summary = json.load(open(os.path.join(out, "summary.json")))
         peak = max(summary["peak_memory_gb_per_rank"]) * 2**30
         cfg = _cfg(env, *over)
-        shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
+        shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r, use_dora=cfg.lora.use_dora)
         st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy], shape.hidden)
         predicted = P.estimate(shape, st, strategy, 1 if strategy == "single" else 2).total
-        print(f"\nplan {strategy} gc={gc} micro {micro} x {length}: measured {peak / 2**30:.3f} GiB per rank "
+        print(f"\nplan {strategy}{'+' + variant if variant else ''} gc={gc} micro {micro} x {length}: measured {peak / 2**30:.3f} GiB per rank "
               f"(max of {summary['peak_memory_gb_per_rank']}), predicted {predicted / 2**30:.3f}, "
               f"ratio {predicted / peak:.3f}")
-        done[(strategy, gc)] = peak, predicted
+        done[(strategy + ("+" + variant if variant else ""), gc)] = peak, predicted
         return peak, predicted
 
     return measure
