@@ -147,7 +147,8 @@ def peak_and_prediction(env, runtime):
         shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r, use_dora=cfg.lora.use_dora)
         st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy], shape.hidden)
         predicted = P.estimate(shape, st, strategy, 1 if strategy == "single" else 2).total
-        print(f"\nplan {strategy}{'+' + variant if variant else ''} gc={gc} micro {micro} x {length}: measured {peak / 2**30:.3f} GiB per rank "
+        print(f"\nplan {strategy}{'+' + variant if variant else ''} gc={gc} micro {micro} x {length}: "
+              f"measured {peak / 2**30:.3f} GiB per rank "
               f"(max of {summary['peak_memory_gb_per_rank']}), predicted {predicted / 2**30:.3f}, "
               f"ratio {predicted / peak:.3f}")
         done[(strategy + ("+" + variant if variant else ""), gc)] = peak, predicted
