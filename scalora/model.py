@@ -11,6 +11,7 @@ import torch
 from . import attention
 from .config import BUILTIN_MODEL, RunConfig
 from .core.errors import UserError
+from .core.init_weights import changes_base
 from .core.lora import share_dropout_masks, use_fast_dropout, use_fused_lora
 from .core.lora_config import LoraConfig
 from .core.peft_model import PeftModel, get_peft_model
@@ -340,6 +341,14 @@ def trained_setup(adapter_dir: str, base: Optional[str] = None, config: Optional
     else:
         cfg = load_config(run_yaml, overrides)
         how = f"as trained ({cfg.quant.bits}-bit base, from {run_yaml})"
+        if changes_base(cfg.lora.init_lora_weights) and cfg.quant.bits != 16 and \
+                adapter_cfg.init_lora_weights is True:
+            # scalora train's final adapter of a PiSSA / OLoRA run, converted to plain LoRA on the original base
+            cfg = load_config(run_yaml, [*overrides, "quant.bits=16", "model.dtype=float32"])
+            how = (f"full precision: the adapter was trained from {cfg.lora.init_lora_weights} on a quantized "
+                   "residual base and saved as plain LoRA on the original base, exact there; on the quantized "
+                   "original base it would be another model (BENCHMARKS.md section 11). For the trained model "
+                   "itself, give the last checkpoint's adapter (RUN/checkpoints/step-N/adapter)")
     name = base or (cfg.model.name_or_path if run_yaml and not full_precision else None) \
         or adapter_cfg.base_model_name_or_path
     if not name:

@@ -100,6 +100,7 @@ class MergedModel:
     keys: list[tuple[str, tuple[int, ...]]]
     _units: list[tuple[Optional[int], list[tuple[str, nn.Module, str]]]] = field(repr=False)
     _loader: Any = field(repr=False)
+    _finish: Any = field(repr=False)  # unit -> the initialisations a filled unit waits for (init_weights.finish)
 
     def tensors(self, wanted: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, tensor) in the order of `keys` (those in `wanted`, if given), each merged as it is yielded.
@@ -107,11 +108,13 @@ class MergedModel:
         decoder layer is read when its first tensor is asked for and released after its last."""
         cpu = torch.device("cpu")
         self._loader.fill(None, cpu)
+        self._finish(None)
         try:
             for unit, entries in self._units:
                 entries = [e for e in entries if wanted is None or e[0] in wanted]
                 if unit is not None and entries:
                     self._loader.fill(unit, cpu)
+                    self._finish(unit)
                 try:
                     for key, holder, attr in entries:
                         yield key, _value(holder, attr)
@@ -127,6 +130,7 @@ def open_merged(adapter_dir: str, cfg, path: str, dtype: torch.dtype, how: str) 
     answer: as trained, or in full precision), ready to stream. Raises UserError with `whole_model_reason` where it
     cannot be streamed."""
     from . import loading
+    from .core import init_weights
     from .core.peft_model import PeftModel
     from .model import decoder_layers, freeze_with_fp32_norms, load_tokenizer
 
@@ -147,4 +151,18 @@ def open_merged(adapter_dir: str, cfg, path: str, dtype: torch.dtype, how: str) 
     units += [(i, list(_entries(layer, f"{prefix}.{i}."))) for i, layer in enumerate(layers)]
     units.append((None, [e for e in rest if position[e[0]] > layers_at]))
     keys = [(key, _shape(holder, attr)) for _, entries in units for key, holder, attr in entries]
-    return MergedModel(model.config, type(model).__name__, load_tokenizer(cfg, path), how, keys, units, loader)
+    names = {id(m): n for n, m in model.named_modules()}
+    weights = init_weights.CheckpointWeights(path)
+    residual = {m: dict(m.residual_pending) for m in model.modules() if isinstance(m, LoraLayer)}
+
+    def finish(unit: Optional[int]) -> None:
+        """An adapter trained from PiSSA / OLoRA: its residual base, derived for each layer as it is filled (again
+        at each fill: a released layer is read from the checkpoint anew)."""
+        module = model if unit is None else layers[unit]
+        for m in module.modules():
+            if m in residual:
+                m.residual_pending.update(residual[m])
+        init_weights.finish(module, weights, prefix="" if unit is None else names[id(module)])
+
+    return MergedModel(model.config, type(model).__name__, load_tokenizer(cfg, path), how, keys, units, loader,
+                       finish)

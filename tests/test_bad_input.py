@@ -17,7 +17,7 @@ from conftest import tiny_model
     (dict(lora_dropout=1.0), r"lora_dropout=1.0: must be in \[0, 1\)"),
     (dict(lora_dropout=-0.1), r"lora_dropout=-0.1"),
     (dict(bias="some"), r"bias='some': must be 'none', 'all' or 'lora_only'"),
-    (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa'"),
+    (dict(init_lora_weights="pisa"), r"init_lora_weights='pisa'.*'pissa_niter_<n>'"),
     (dict(target_modules=3), r"target_modules=3"),
     (dict(layers_to_transform=[0], target_modules="q.*"), r"layers_to_transform cannot be combined"),
     (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\]=0"),

@@ -283,3 +283,25 @@ def test_train_with_pissa_converts_the_final_adapter_and_resumes_exactly(env, tm
                           what="converted final adapter (peft) vs the last checkpoint's (scalora)")
     assert_wrong_is_far(_logits(base(), ids), trained, logits_rtol(base()), what="the base alone")
     shutil.rmtree(out)
+
+    # exporting: the last checkpoint's adapter merged one layer at a time (the residual derived as each layer is
+    # read) equals the whole-model merge bit for bit, and differs from a merge that took it for plain LoRA; the
+    # final (converted) adapter is exported on the full-precision base, where it is exact
+    import argparse
+
+    from scalora import cli, streamed
+    from scalora.model import trained_setup
+
+    setup = trained_setup(str(last))
+    assert setup[3].startswith("as trained (4-bit")
+    got = dict(streamed.open_merged(str(last), *setup).tensors())
+    args = argparse.Namespace(adapter=str(last), base=None, config=None, full_precision=False,
+                              trust_remote_code=False)
+    whole = cli._merged(args, torch.float32)[0].state_dict()
+    assert got.keys() == whole.keys()
+    for k, v in got.items():
+        assert torch.equal(v.float(), whole[k].float()), k
+    plain = scalora.PeftModel.from_pretrained(base(), str(last), config=_as_plain_lora(last)).merge_and_unload()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(got[q], plain.state_dict()[q], atol=1e-3)
+    assert trained_setup(str(ref / "final"))[3].startswith("full precision: the adapter was trained from pissa")

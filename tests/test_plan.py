@@ -115,7 +115,9 @@ CASES = [  # (strategy, launch file, gradient checkpointing, micro-batch, max_le
     ("zero2", "launch/zero2.yaml", True, 4, 256),
     ("zero3", "launch/zero3.yaml", False, 4, 256),
     ("fsdp", "launch/fsdp.yaml", True, 4, 256),
-    ("single+dora", None, True, 8, 512),  # DoRA's magnitudes, their AdamW state and its saved activations
+    # ("single+dora", None, True, 8, 512): lora.use_dora=true, measured 0.631 GiB against 0.666 predicted
+    # [amx_bf16 avx512_bf16]; left out for the suite's time (DoRA's terms are 4% of that peak: a prediction without
+    # them passes too; test_saved_activations_match_autograd[True] is what checks them)
 ]
 
 

@@ -152,8 +152,8 @@ class CheckpointWeights:
 
 def finish(model: nn.Module, weights: Optional[Callable[[str, nn.Module], torch.Tensor]] = None,
            prefix: str = "") -> int:
-    """Run the initialisations left pending in `model`'s LoRA layers (`init_pending`, then DoRA's magnitudes,
-    which are taken from the initialised adapter), with `weights(name, layer)` giving a quantized layer's original
+    """Run the initialisations left pending in `model`'s LoRA layers (`init_pending`; `residual_pending`, the
+    residual base of an adapter loaded from a file; then DoRA's magnitudes, taken from the initialised adapter), with `weights(name, layer)` giving a quantized layer's original
     weight. Called by LoraModel once the adapter is added to a loaded base, and by the layer-by-layer loader
     (scalora/loading.py) for each decoder layer once its weights are in, before it is sharded: no process ever
     holds more than one layer de-quantized. `prefix`: `model`'s name in the model the names are relative to."""
@@ -163,12 +163,13 @@ def finish(model: nn.Module, weights: Optional[Callable[[str, nn.Module], torch.
     for mname, m in model.named_modules():
         if not isinstance(m, LoraLayer) or quant.linear_weight_is_meta(m.base_layer):
             continue
-        for name, init in list(m.init_pending.items()):
-            quantized = quant.is_4bit(m.base_layer) or quant.is_8bit(m.base_layer)
-            full = f"{prefix}.{mname}" if prefix and mname else prefix or mname
-            apply(m, name, init, weights(full, m) if quantized and weights is not None else None)
-            del m.init_pending[name]
-            n += 1
+        quantized = quant.is_4bit(m.base_layer) or quant.is_8bit(m.base_layer)
+        full = f"{prefix}.{mname}" if prefix and mname else prefix or mname
+        for pending, set_adapter in ((m.init_pending, True), (m.residual_pending, False)):
+            for name, init in list(pending.items()):
+                apply(m, name, init, weights(full, m) if quantized and weights is not None else None, set_adapter)
+                del pending[name]
+                n += 1
         for name in list(m.dora_pending):
             m.init_dora_magnitude(name)
             n += 1

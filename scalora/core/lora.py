@@ -218,6 +218,7 @@ class LoraLayer(Wrapper):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.dora_pending: set[str] = set()  # DoRA magnitudes still to compute (a base on the meta device)
         self.init_pending: dict[str, str] = {}  # adapter -> PiSSA / OLoRA / LoftQ, still to compute (init_weights)
+        self.residual_pending: dict[str, str] = {}  # adapter loaded from a file -> PiSSA / OLoRA residual to derive
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -377,10 +378,10 @@ class LoraLayer(Wrapper):
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
-            if name in self.init_pending:
-                raise RuntimeError(f"adapter {name!r}: init_lora_weights={self.init_pending[name]!r} was never "
-                                   "computed (the base was on the meta device; call "
-                                   "scalora.core.init_weights.finish after loading it)")
+            if name in self.init_pending or name in self.residual_pending:
+                init = self.init_pending.get(name) or self.residual_pending[name]
+                raise RuntimeError(f"adapter {name!r}: init_lora_weights={init!r} was never computed (the base was "
+                                   "on the meta device; call scalora.core.init_weights.finish after loading it)")
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             keep = autocast and lora_A.weight.dtype == torch.float32
             inp = x if keep else x.to(lora_A.weight.dtype)
@@ -482,7 +483,7 @@ class LoraLayer(Wrapper):
     def delete_adapter(self, adapter_name: str) -> None:
         self.dora_pending.discard(adapter_name)
         for d in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.lora_alpha, self.scaling,
-                  self.lora_magnitude_vector, self.init_pending):
+                  self.lora_magnitude_vector, self.init_pending, self.residual_pending):
             if adapter_name in d:
                 del d[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]

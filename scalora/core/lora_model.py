@@ -91,11 +91,10 @@ class LoraModel(Wrapper):
         """Turn the base into the residual that PiSSA / OLoRA initialisation `init` leaves, keeping the adapter's
         A and B: an adapter trained from that initialisation, loaded from its file onto the original base (peft's
         files keep init_lora_weights, and peft derives the residual again the same way on load)."""
-        weights = self._original_weights()
-        for name, m in self.model.named_modules():
+        for m in self.model.modules():
             if isinstance(m, LoraLayer) and adapter_name in m.lora_A:
-                q = quant.is_4bit(m.base_layer) or quant.is_8bit(m.base_layer)
-                init_weights.apply(m, adapter_name, init, weights(name, m) if q else None, set_adapter=False)
+                m.residual_pending[adapter_name] = init
+        self.finish_initialisation()  # (a base on the meta device: when the layer-by-layer loader fills it)
 
     def _original_weights(self):
         """name, layer -> the layer's weight before quantization, from the base's checkpoint (opened once)."""

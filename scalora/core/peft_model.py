@@ -18,7 +18,7 @@ from torch import nn
 from . import interop, quant
 from .adapter_io import get_peft_model_state_dict, read_tensors, set_peft_model_state_dict
 from .errors import UserError
-from .lora import Wrapper
+from .lora import LoraLayer, Wrapper
 from .init_weights import changes_base, convert_to_lora
 from .lora_config import WEIGHTS_NAME, LoraConfig, resolve_adapter_file, weight_init_kind
 from .lora_model import LoraModel
@@ -225,9 +225,7 @@ class PeftModel(Wrapper, interop.peft_model_class()):
             set_peft_model_state_dict(self, file_state, adapter_name, source=weights)
             self.set_requires_grad(adapter_name, is_trainable and adapter_name in self.active_adapters)
             return
-        # The file's A and B replace any initialisation: none is computed. An adapter trained from PiSSA / OLoRA
-        # fits the residual base, derived again from this (original) base once the file is known to fit.
-        init = config.init_lora_weights if weight_init_kind(config.init_lora_weights) else None
+        init = _file_init(config)
         self.base_model.inject_adapter(dataclasses.replace(config, init_lora_weights=True) if init else config,
                                        adapter_name)
         try:
@@ -235,9 +233,7 @@ class PeftModel(Wrapper, interop.peft_model_class()):
         except Exception:
             self.base_model.delete_adapter(adapter_name)
             raise
-        self.base_model.peft_config[adapter_name] = config
-        if changes_base(init):
-            self.base_model.derive_residual(adapter_name, init)
+        _loaded(self.base_model, adapter_name, config, init)
         if not is_trainable:
             self.eval()
 
@@ -264,8 +260,10 @@ class PeftModel(Wrapper, interop.peft_model_class()):
         config.inference_mode = not is_trainable
         weights = resolve_adapter_file(model_id, WEIGHTS_NAME, **hub_kwargs)
         file_state = read_tensors(weights)
-        peft_model = cls(model, config, adapter_name)
+        init = _file_init(config)
+        peft_model = cls(model, dataclasses.replace(config, init_lora_weights=True) if init else config, adapter_name)
         set_peft_model_state_dict(peft_model, file_state, adapter_name, source=weights)
+        _loaded(peft_model.base_model, adapter_name, config, init)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -276,6 +274,23 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     """Wrap `model`'s targeted linear layers with LoRA; only the adapters are left trainable. `peft_config` is
     scalora's LoraConfig or peft's (converted field for field)."""
     return PeftModel(model, interop.from_peft_config(peft_config), adapter_name)
+
+
+def _file_init(config: LoraConfig) -> Optional[str]:
+    """An adapter file's initialisation from the weights (PiSSA / OLoRA / LoftQ), which loading does not compute:
+    the file's A and B replace it (the adapter is added with init True, then filled)."""
+    return config.init_lora_weights if weight_init_kind(config.init_lora_weights) else None
+
+
+def _loaded(lora_model: LoraModel, adapter_name: str, config: LoraConfig, init: Optional[str]) -> None:
+    """After a file's weights are in: the file's own config kept, and an adapter trained from PiSSA / OLoRA given
+    the residual base it fits, derived again from this (original) base as peft derives it on load."""
+    lora_model.peft_config[adapter_name] = config
+    for m in lora_model.model.modules():  # the file's magnitudes are the adapter's, not its base's norms
+        if isinstance(m, LoraLayer):
+            m.dora_pending.discard(adapter_name)
+    if changes_base(init):
+        lora_model.derive_residual(adapter_name, init)
 
 
 def _with_inference_mode(config: LoraConfig, value: bool) -> LoraConfig:
