@@ -205,13 +205,15 @@ def _perturb(model, seed=3):
                 p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=g))
 
 
-def test_conversion_to_lora_on_save(tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_conversion_to_lora_on_save(tmp_path, dora):
     """A PiSSA adapter after "training" (A, B moved), saved with path_initial_model_for_weight_conversion as in peft:
     a plain LoRA adapter (r 4 -> 8, alpha 8 -> 16, init True) that peft applies to the original base with the trained
     model's logits. Saved without conversion, its file keeps init 'pissa', and loading it onto the original base
     derives the residual again, in scalora and in peft alike; read as plain LoRA on the original base (what vLLM
-    would do with it) it is far off."""
-    cfg = scalora.LoraConfig(**CFG, init_lora_weights="pissa")
+    would do with it) it is far off. With DoRA the converted file keeps the (trained) magnitude: W + s B' A' is the
+    trained W_res + s B A, so its norms are too (peft's own conversion drops the magnitude)."""
+    cfg = scalora.LoraConfig(**CFG, init_lora_weights="pissa", use_dora=dora)
     model = scalora.get_peft_model(tiny_model("llama"), cfg)
     model.save_pretrained(tmp_path / "init")
     _perturb(model)
@@ -220,6 +222,10 @@ def test_conversion_to_lora_on_save(tmp_path):
     model.save_pretrained(tmp_path / "pissa")
     conf = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert (conf["r"], conf["lora_alpha"], conf["init_lora_weights"]) == (8, 16, True)
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert any(k.endswith("lora_magnitude_vector") for k in keys) == dora
     rtol = logits_rtol(model.get_base_model())
     converted = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "lora"))
     as_plain_lora = scalora.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "pissa"),
