@@ -180,6 +180,23 @@ class LayerwiseLoader:
                 (m._parameters if a in m._parameters else m._buffers)[a] = new
         return_freed_memory()
 
+    def initialiser(self, model: nn.Module, layers: nn.ModuleList) -> Callable[[Optional[int]], None]:
+        """`filled` for `load` (and a streamed merge): what waits for a unit's weights, computed once it is in
+        (scalora/core/init_weights.py finish: PiSSA / OLoRA / LoftQ, a loaded adapter's residual base, DoRA's
+        magnitudes), a quantized layer's original weight read from these same checkpoint files."""
+        from .core import init_weights
+
+        names = {id(m): n for n, m in model.named_modules()}
+        weights = init_weights.CheckpointWeights(self.files)
+
+        def filled(unit: Optional[int]) -> None:
+            if unit is None:
+                init_weights.finish(model, weights)
+            else:
+                init_weights.finish(layers[unit], weights, prefix=names[id(layers[unit])])
+
+        return filled
+
     def load(self, device: torch.device, shard_layer: Optional[Callable[[int], None]] = None,
              filled: Optional[Callable[[Optional[int]], None]] = None) -> None:
         """Fill every decoder layer, calling `filled(i)` (the initialisations from the weights, DoRA's magnitudes:

@@ -236,14 +236,9 @@ def build_peft_model(cfg: RunConfig, path: str, device_map: Any = None, dtype: O
     if cfg.train.fused_lora:
         use_fused_lora(peft_model)
     if folder is not None:
-        from .core import init_weights
-
         layers = decoder_layers(model)
-        names = {id(m): n for n, m in model.named_modules()}
-        weights = init_weights.CheckpointWeights(folder)
         loader.load(device or torch.device("cpu"), (lambda i: shard_layer(layers[i])) if shard_layer else None,
-                    filled=lambda i: init_weights.finish(model, weights) if i is None else
-                    init_weights.finish(layers[i], weights, prefix=names[id(layers[i])]))
+                    filled=loader.initialiser(model, layers))
     if cfg.model.compile:
         compile_layers(model, dynamic=None if cfg.data.packing else True)
     return peft_model

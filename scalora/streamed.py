@@ -70,7 +70,7 @@ def _shape(holder: nn.Module, attr: str) -> tuple[int, ...]:
     if isinstance(holder, LoraLayer):
         return (holder.in_features, holder.out_features) if holder.fan_in_fan_out \
             else (holder.out_features, holder.in_features)
-    if attr == "weight" and (quant.is_4bit(holder) or quant.is_8bit(holder)):
+    if attr == "weight" and quant.is_quantized(holder):
         return (holder.out_features, holder.in_features)
     return tuple(getattr(holder, attr).shape)
 
@@ -84,7 +84,7 @@ def _value(holder: nn.Module, attr: str) -> torch.Tensor:
                                  [n for n in holder.active_adapters if n in holder.lora_A])
         quant.require_finite(w, "merged weight")
         return w
-    if attr == "weight" and (quant.is_4bit(holder) or quant.is_8bit(holder)):
+    if attr == "weight" and quant.is_quantized(holder):
         return quant.dense_weight(holder)
     return getattr(holder, attr).detach()  # as loaded: the writer converts it a block of rows at a time
 
@@ -130,7 +130,6 @@ def open_merged(adapter_dir: str, cfg, path: str, dtype: torch.dtype, how: str) 
     answer: as trained, or in full precision), ready to stream. Raises UserError with `whole_model_reason` where it
     cannot be streamed."""
     from . import loading
-    from .core import init_weights
     from .core.peft_model import PeftModel
     from .model import decoder_layers, freeze_with_fp32_norms, load_tokenizer
 
@@ -151,18 +150,16 @@ def open_merged(adapter_dir: str, cfg, path: str, dtype: torch.dtype, how: str) 
     units += [(i, list(_entries(layer, f"{prefix}.{i}."))) for i, layer in enumerate(layers)]
     units.append((None, [e for e in rest if position[e[0]] > layers_at]))
     keys = [(key, _shape(holder, attr)) for _, entries in units for key, holder, attr in entries]
-    names = {id(m): n for n, m in model.named_modules()}
-    weights = init_weights.CheckpointWeights(path)
+    initialise = loader.initialiser(model, layers)
     residual = {m: dict(m.residual_pending) for m in model.modules() if isinstance(m, LoraLayer)}
 
     def finish(unit: Optional[int]) -> None:
         """An adapter trained from PiSSA / OLoRA: its residual base, derived for each layer as it is filled (again
         at each fill: a released layer is read from the checkpoint anew)."""
-        module = model if unit is None else layers[unit]
-        for m in module.modules():
+        for m in (model if unit is None else layers[unit]).modules():
             if m in residual:
                 m.residual_pending.update(residual[m])
-        init_weights.finish(module, weights, prefix="" if unit is None else names[id(module)])
+        initialise(unit)
 
     return MergedModel(model.config, type(model).__name__, load_tokenizer(cfg, path), how, keys, units, loader,
                        finish)

@@ -75,8 +75,8 @@ def loraplus_groups(model: torch.nn.Module, lr: float, ratio: float, weight_deca
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # a ZeRO-3 parameter sharded while loading holds an empty 1-D tensor: its shape is in ds_shape
-        if "lora_B" in name or len(getattr(p, "ds_shape", p.shape)) == 1:
+        # (a ZeRO-3 parameter sharded while loading holds an empty 1-D tensor: the whole shape is full_shape's)
+        if "lora_B" in name or len(sharding.full_shape(p)) == 1:
             (b_no_decay if "bias" in name or name in layernorm else b).append(p)
         else:
             a.append(p)

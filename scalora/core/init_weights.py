@@ -25,7 +25,6 @@ adapter with lora_alpha doubled (sqrt(2)x with rsLoRA) so the scaling stays s (p
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,9 +32,8 @@ from torch import nn
 
 from . import quant
 from .errors import UserError
-from .lora_config import weight_init_kind as kind
+from .lora_config import PISSA_NITER, weight_init_kind as kind
 
-PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 _NITER_SEED = 0  # pissa_niter's random draws: one fixed stream, so that every process and every load agree
 
 
@@ -78,10 +76,9 @@ def apply(layer: nn.Module, name: str, init: str, original: Optional[torch.Tenso
     With `set_adapter=False` only the base is changed (an adapter loaded from a file onto the original base: its
     trained A and B stay, the residual is derived again)."""
     base = layer.base_layer
-    quantized = quant.is_4bit(base) or quant.is_8bit(base)
     which = kind(init)
     if original is None:
-        if quantized:
+        if quant.is_quantized(base):
             raise UserError(f"init_lora_weights={init!r} on a {8 if quant.is_8bit(base) else 4}-bit base needs the "
                             "original weights: load the base from a local safetensors checkpoint (its folder or a "
                             "hub id in model.config.name_or_path), as from_pretrained does")
@@ -107,7 +104,11 @@ class CheckpointWeights:
     """The original (out, in) weight of each wrapped layer, read one tensor at a time from the base's safetensors
     checkpoint (a local folder, or a hub id fetched as from_pretrained does), by the layer's name in the model."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files  # tensor name -> safetensors file (adapter_io.checkpoint_index; the loader's own map)
+
+    @classmethod
+    def in_folder(cls, folder: str) -> "CheckpointWeights":
         from .adapter_io import checkpoint_index
 
         files = checkpoint_index(folder)
@@ -115,19 +116,21 @@ class CheckpointWeights:
             raise UserError(f"{folder} has no model.safetensors (or its index): PiSSA / OLoRA / LoftQ on a "
                             "quantized base read the original weights from a safetensors checkpoint; save the base "
                             "with save_pretrained")
-        self.files = files
+        return cls(files)
 
     @classmethod
-    def of(cls, model: nn.Module) -> Optional["CheckpointWeights"]:
-        """The checkpoint `model` was loaded from (`config.name_or_path`), None where it names none."""
+    def of(cls, model: nn.Module) -> "CheckpointWeights":
+        """The checkpoint `model` was loaded from (`config.name_or_path`)."""
         path = getattr(getattr(model, "config", None), "name_or_path", None) or getattr(model, "name_or_path", None)
         if not path:
-            return None
+            raise UserError("PiSSA / OLoRA / LoftQ initialisation on a quantized base needs its original weights, "
+                            "and the model names no checkpoint (config.name_or_path): load it with from_pretrained "
+                            "from a folder or hub id (replace_lora_weights_loftq: or pass model_path=FOLDER)")
         if not os.path.isdir(path):
             from huggingface_hub import snapshot_download
 
             path = snapshot_download(path, allow_patterns=["*.safetensors", "*.json"])
-        return cls(path)
+        return cls.in_folder(path)
 
     def __call__(self, module_name: str, layer: nn.Module) -> torch.Tensor:
         from .adapter_io import read_copies
@@ -153,8 +156,8 @@ class CheckpointWeights:
 def finish(model: nn.Module, weights: Optional[Callable[[str, nn.Module], torch.Tensor]] = None,
            prefix: str = "") -> int:
     """Run the initialisations left pending in `model`'s LoRA layers (`init_pending`; `residual_pending`, the
-    residual base of an adapter loaded from a file; then DoRA's magnitudes, taken from the initialised adapter), with `weights(name, layer)` giving a quantized layer's original
-    weight. Called by LoraModel once the adapter is added to a loaded base, and by the layer-by-layer loader
+    residual base of an adapter loaded from a file; then DoRA's magnitudes, taken from the initialised adapter),
+    with `weights(name, layer)` giving a quantized layer's original weight. Called by LoraModel once the adapter is added to a loaded base, and by the layer-by-layer loader
     (scalora/loading.py) for each decoder layer once its weights are in, before it is sharded: no process ever
     holds more than one layer de-quantized. `prefix`: `model`'s name in the model the names are relative to."""
     from .lora import LoraLayer
@@ -163,11 +166,11 @@ def finish(model: nn.Module, weights: Optional[Callable[[str, nn.Module], torch.
     for mname, m in model.named_modules():
         if not isinstance(m, LoraLayer) or quant.linear_weight_is_meta(m.base_layer):
             continue
-        quantized = quant.is_4bit(m.base_layer) or quant.is_8bit(m.base_layer)
         full = f"{prefix}.{mname}" if prefix and mname else prefix or mname
+        original = weights is not None and quant.is_quantized(m.base_layer)
         for pending, set_adapter in ((m.init_pending, True), (m.residual_pending, False)):
             for name, init in list(pending.items()):
-                apply(m, name, init, weights(full, m) if quantized and weights is not None else None, set_adapter)
+                apply(m, name, init, weights(full, m) if original else None, set_adapter)
                 del pending[name]
                 n += 1
         for name in list(m.dora_pending):
@@ -187,13 +190,11 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: Optional[str] 
     from .lora import LoraLayer
 
     base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    weights = CheckpointWeights(model_path) if model_path else CheckpointWeights.of(base)
-    if weights is None:
-        raise UserError("replace_lora_weights_loftq: the model names no checkpoint; pass model_path=FOLDER")
+    weights = CheckpointWeights.in_folder(model_path) if model_path else CheckpointWeights.of(base)
     done = 0
     for name, m in base.named_modules():
         if not (isinstance(m, LoraLayer) and adapter_name in m.lora_A
-                and (quant.is_4bit(m.base_layer) or quant.is_8bit(m.base_layer))):
+                and quant.is_quantized(m.base_layer)):
             continue
         before = (m.lora_A[adapter_name].weight.clone(), m.lora_B[adapter_name].weight.clone())
         apply(m, adapter_name, "loftq", weights(name, m))

@@ -52,12 +52,15 @@ _PEFT_BOOKKEEPING = {
 }
 
 
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # init_lora_weights="pissa_niter_<n>": n subspace iterations
+
+
 def weight_init_kind(init: Any) -> Optional[str]:
     """"pissa", "olora" or "loftq" for the initialisations computed from the base weight
     (scalora/core/init_weights.py), else None."""
     if not isinstance(init, str):
         return None
-    if init == "pissa" or re.fullmatch(r"pissa_niter_\d+", init):
+    if init == "pissa" or PISSA_NITER.fullmatch(init):
         return "pissa"
     return init if init in ("olora", "loftq") else None
 

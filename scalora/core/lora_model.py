@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator, Optional, Union
 
 import torch
@@ -97,19 +98,10 @@ class LoraModel(Wrapper):
         self.finish_initialisation()  # (a base on the meta device: when the layer-by-layer loader fills it)
 
     def _original_weights(self):
-        """name, layer -> the layer's weight before quantization, from the base's checkpoint (opened once)."""
-        checkpoint: list[Any] = []
-
-        def weights(name: str, layer: nn.Module) -> torch.Tensor:
-            if not checkpoint:
-                checkpoint.append(init_weights.CheckpointWeights.of(self.model))
-            if checkpoint[0] is None:
-                raise UserError("PiSSA / OLoRA / LoftQ initialisation on a quantized base needs its original "
-                                "weights, and the model names no checkpoint (config.name_or_path): load it with "
-                                "from_pretrained from a folder or hub id")
-            return checkpoint[0](name, layer)
-
-        return weights
+        """name, layer -> the layer's weight before quantization, from the base's checkpoint (opened at the first
+        call: a model with nothing to initialise from the weights needs none)."""
+        checkpoint = functools.cache(lambda: init_weights.CheckpointWeights.of(self.model))
+        return lambda name, layer: checkpoint()(name, layer)
 
     def _mark_trainable(self, adapter_name: str) -> None:
         """Freeze everything but adapters, then the biases that `bias` asks for (peft's rule)."""
@@ -215,7 +207,7 @@ class LoraModel(Wrapper):
         for key, module in list(self.model.named_modules()):
             if isinstance(module, LoraLayer):
                 base = module.base_layer
-                if merge and dequantize and (quant.is_4bit(base) or quant.is_8bit(base)):
+                if merge and dequantize and quant.is_quantized(base):
                     module.unmerge()  # start from the base as loaded, not from a re-quantized merge
                     base = quant.to_full_precision(module.base_layer, dtype or torch.float32)
                     names = [n for n in adapter_names or module.active_adapters if n in module.lora_A]

@@ -18,8 +18,8 @@ from torch import nn
 from . import interop, quant
 from .adapter_io import get_peft_model_state_dict, read_tensors, set_peft_model_state_dict
 from .errors import UserError
-from .lora import LoraLayer, Wrapper
 from .init_weights import changes_base, convert_to_lora
+from .lora import LoraLayer, Wrapper
 from .lora_config import WEIGHTS_NAME, LoraConfig, resolve_adapter_file, weight_init_kind
 from .lora_model import LoraModel
 
@@ -294,8 +294,6 @@ def _loaded(lora_model: LoraModel, adapter_name: str, config: LoraConfig, init: 
 
 
 def _with_inference_mode(config: LoraConfig, value: bool) -> LoraConfig:
-    import dataclasses
-
     return dataclasses.replace(config, inference_mode=value)
 
 

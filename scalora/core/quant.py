@@ -43,6 +43,11 @@ def is_8bit(layer: nn.Module) -> bool:
     return bnb is not None and isinstance(layer, bnb.nn.Linear8bitLt)
 
 
+def is_quantized(layer: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit layer."""
+    return is_4bit(layer) or is_8bit(layer)
+
+
 def is_conv1d(layer: nn.Module) -> bool:
     return Conv1D is not None and isinstance(layer, Conv1D)
 
@@ -92,7 +97,7 @@ def keeps_no_output(layer: nn.Module) -> bool:
     """Whether the layer's backward needs none of its forward output (`nn.Linear` itself, bitsandbytes 4-bit and
     8-bit: their autograd functions keep inputs and weights only), so that a sum may add into that output in place.
     Subclasses of `nn.Linear` from elsewhere are not assumed to."""
-    return type(layer) is nn.Linear or is_4bit(layer) or is_8bit(layer)
+    return type(layer) is nn.Linear or is_quantized(layer)
 
 
 def is_conv1d_source(layer: nn.Module) -> bool:
@@ -171,7 +176,7 @@ def _warn_rounding(bits: str) -> None:
 
 def to_full_precision(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A plain `nn.Linear` (or the same Conv1D) with the layer's weight in `dtype`."""
-    if not (is_4bit(layer) or is_8bit(layer)):
+    if not is_quantized(layer):
         return layer
     out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                     device=layer.weight.device, dtype=dtype)
