@@ -24,6 +24,8 @@ from conftest import load_quantized, tiny_model, tokens
 from helpers import adapter, run, train_args
 from tolerance import assert_rounding_close, assert_wrong_is_far, logits_rtol, rounding_rtol
 
+pytestmark = pytest.mark.numerics  # reruns under lower instruction sets: tests/test_isa_levels.py
+
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear")
 
 
