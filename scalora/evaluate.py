@@ -91,7 +91,20 @@ def exact_match(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig,
 
 def validate(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig,
              samples: Optional[list[dict[str, str]]] = None) -> dict[str, float]:
-    """Every validation metric the run config asks for (and generation samples into `samples`, if given)."""
+    """Every validation metric the run config asks for (and generation samples into `samples`, if given).
+
+    With model.compile the layers run eagerly here: validation batches come in other shapes than the training
+    micro-batches (ragged lengths, a last smaller batch, one-token decoding steps with a KV cache), and compiling
+    for each of them recompiled the layers up to dynamo's recompile limit (measured: 8 recompiles, ~20 s of a 30 s
+    tiny packed run [amx_bf16 avx512_bf16]) for a forward pass that runs a few times per validation."""
+    if cfg.model.compile:
+        with torch.compiler.set_stance("force_eager"):
+            return _validate(model, accelerator, data, tokenizer, cfg, samples)
+    return _validate(model, accelerator, data, tokenizer, cfg, samples)
+
+
+def _validate(model, accelerator, data: Datasets, tokenizer, cfg: RunConfig,
+              samples: Optional[list[dict[str, str]]]) -> dict[str, float]:
     metrics = loss_and_perplexity(model, accelerator, data.validation, cfg.train.micro_batch_size,
                                   tokenizer.pad_token_id, cfg.train.chunked_loss)
     if cfg.data.max_eval_generate:
