@@ -5,7 +5,8 @@ Points: `step` (after optimizer step <step>), `ckpt-adapter`, `ckpt-optimizer`, 
 checkpoint write of <step> fails with "No space left on device"), `bug` (an unexpected exception after <step>, as a
 bug in scalora would raise). `kill` points send SIGKILL to the process itself.
 With SCALORA_FAULT_ONCE=<file>, a fault fires only if <file> does not exist, and creates it (for restart tests).
-Unset (always, outside tests), `hit` is one dictionary lookup.
+Unset (always, outside tests), `hit` is one dictionary lookup. Read at each call, not at import: a process forked
+from one that imported scalora already (the test suite's pre-imported interpreter, tests/zygote.py) sees its own.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ import errno
 import os
 import signal
 
-_SPEC = os.environ.get("SCALORA_FAULT_INJECT", "")
-
-
 def hit(point: str, step: int) -> bool:
     """Whether the configured fault is `point` at `step` on this rank (consumes a one-shot fault)."""
-    if not _SPEC:
+    spec = os.environ.get("SCALORA_FAULT_INJECT", "")
+    if not spec:
         return False
-    parts = _SPEC.split("@")
+    parts = spec.split("@")
     if parts[0] != point or int(parts[1]) != step:
         return False
     if len(parts) > 2 and int(os.environ.get("RANK", "0")) != int(parts[2]):

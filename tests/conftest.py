@@ -17,15 +17,19 @@ VOCAB = 128
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
-    """Environment for CLI subprocesses: the builtin base built once into a private cache, no hub, no wandb key."""
+    """Environment for CLI subprocesses: the builtin base built once into a private cache, no hub, no wandb key; the
+    pre-imported interpreter that `helpers.run` forks them from (tests/zygote.py)."""
     from scalora.builtin import tiny_llama_path
+    from zygote import Zygote
 
     cache = tmp_path_factory.mktemp("cache")
     base = tiny_llama_path(str(cache))
     e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     e.update(SCALORA_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
              PYTHONUNBUFFERED="1")
-    return {"env": e, "base": base, "root": tmp_path_factory.mktemp("runs")}
+    zygote = Zygote(e, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    yield {"env": e, "base": base, "root": tmp_path_factory.mktemp("runs"), "zygote": zygote}
+    zygote.close()
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,9 @@ DIST = ["train.micro_batch_size=4", "train.max_steps=6", "train.save_every=3", "
 
 
 def run(env, *args, check=True, timeout=600):
-    p = subprocess.run([sys.executable, "-m", "scalora", *args], env=env["env"], capture_output=True, text=True,
-                       timeout=timeout)
+    """`scalora ARGS` in a process of its own, forked from the session's pre-imported interpreter where the
+    environment allows (tests/zygote.py), else started afresh; as subprocess.run(capture_output=True) returns it."""
+    p = env["zygote"].run(list(args), env["env"], timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"scalora {' '.join(args)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
                              f"{p.stderr[-3000:]}")

@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import string
-import subprocess
-import sys
 import typing
 
 import pytest
@@ -205,8 +203,7 @@ def test_generated_data_files(cli_in_process, tmp_path_factory, case):
 # --- explicit cases, one per class ----------------------------------------------------------------------------------
 def _scalora(env, *args, cwd=None, extra_env=None):
     e = dict(env["env"], **(extra_env or {}))
-    return subprocess.run([sys.executable, "-m", "scalora", *args], env=e, capture_output=True, text=True,
-                          timeout=600, cwd=cwd)
+    return env["zygote"].run(list(args), e, cwd=None if cwd is None else str(cwd))
 
 
 def test_bad_input_never_damages_a_finished_run(cli_in_process, tmp_path):

@@ -13,7 +13,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -76,11 +75,10 @@ def test_sigkill_from_outside_at_random_times(env, reference):
     out = env["root"] / "faults-kill-ext"
     rng = random.Random(1)
     for _ in range(2):
-        proc = subprocess.Popen([sys.executable, "-m", "scalora", *train_args(out)], env=env["env"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc = env["zygote"].spawn(train_args(out), env["env"])
         after = rng.randint(1, 2)
         last, step_s = None, 0.05
-        for line in proc.stdout:  # wait until training reaches that step (a resumed run may start past it), then
+        for line in proc.stdout_lines():  # wait until training reaches that step (a resumed run may start past it), then
             now = time.monotonic()  # kill at a random moment
             if re.match(r"step \d+/6", line):
                 step_s, last = (now - last if last is not None else step_s), now
@@ -96,13 +94,13 @@ def test_sigkill_from_outside_at_random_times(env, reference):
 
 def test_sigterm_checkpoints_at_the_next_step_and_exits_cleanly(env, reference):
     out = env["root"] / "faults-term"
-    proc = subprocess.Popen([sys.executable, "-m", "scalora", *train_args(out, "train.save_every=0")],
-                            env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
+    proc = env["zygote"].spawn(train_args(out, "train.save_every=0"), env["env"])
+    for line in proc.stdout_lines():
         if line.startswith("step 2/6"):
             proc.send_signal(signal.SIGTERM)
             break
-    rest, err = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    rest, err = proc.output()
     assert proc.returncode == 0, err[-2000:]
     assert "SIGTERM received: checkpoint" in rest
     saved = checkpoint.checkpoints(out)

@@ -142,6 +142,7 @@ def test_the_low_memory_loader_reads_the_converted_folder(source, cache):
                               torch.float32) > 0
 
 
+@pytest.mark.slow  # two CLI runs, and the session's tiny base built first (~30 s of the fast tier's 63 s)
 def test_a_run_from_the_file_trains_as_a_run_from_the_checkpoint(source, env):
     """`scalora train` with the .gguf path: 4-bit NF4 base, the same adapter, bit for bit, as the same run from the
     original save_pretrained folder (the f32 file holds the same weights), and the banner names the file."""
