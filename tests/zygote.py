@@ -58,7 +58,13 @@ def _child(req: dict, conn: socket.socket) -> None:
 
 def serve(fd: int) -> None:
     import scalora.cli  # noqa: F401 - the imports every run shares: torch, transformers, bitsandbytes, peft
-    import scalora.train  # noqa: F401 - and what `train` loads: accelerate, datasets, safetensors, the model code
+    import scalora.train  # noqa: F401 - and what `train` loads: accelerate, safetensors, the model code
+    import deepspeed  # noqa: F401 - what accelerate and the loss plot import later, without starting threads
+    import matplotlib
+
+    matplotlib.use("Agg")  # as scalora.tracking does
+    import matplotlib.pyplot  # noqa: F401
+    # not datasets: importing pyarrow starts a thread of its own
 
     native = len(os.listdir("/proc/self/task"))
     conn = socket.socket(fileno=fd)
