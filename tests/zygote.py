@@ -202,10 +202,14 @@ class Zygote:
         return subprocess.CompletedProcess(["scalora", *argv], proc.returncode, out, err)
 
     def close(self) -> None:
+        """Ends the server (it stops at the end of its input) and removes the runs' captured output."""
+        import shutil
+
         if self._proc is not None:
             self._stream.close()
             self._sock.close()
             self._proc.wait(timeout=60)
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
