@@ -16,8 +16,8 @@ FAST = ["train.max_steps=6", "train.save_every=3", "train.eval_every=3", "data.m
         "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1"]
 # Several processes: micro-batches of 4 so that 2 processes x 2 accumulation steps make the global batch of 16.
 DIST = ["train.micro_batch_size=4", "train.max_steps=6", "train.save_every=3", "train.eval_every=0",
-        "data.max_eval_examples=64", "data.max_eval_generate=0", "train.schedule=constant", "train.warmup_ratio=0", "train.log_every=1",
-        "log.report_to=none"]
+        "data.max_eval_examples=64", "data.max_eval_generate=0", "train.schedule=constant", "train.warmup_ratio=0",
+        "train.log_every=1", "log.report_to=none"]
 
 
 def run(env, *args, check=True, timeout=600):
@@ -62,8 +62,8 @@ def losses(out) -> dict[int, float]:
 # The fault and bad-input tests' run: 6 steps, a checkpoint after every step, validation loss at step 3 (on 64
 # examples: the whole split's 300 took half of such a run's time).
 ARGS = ["train.max_steps=6", "train.save_every=1", "train.save_total_limit=2", "train.eval_every=3",
-        "data.max_eval_examples=64", "data.max_eval_generate=0", "train.schedule=cosine", "train.warmup_ratio=0.2", "train.log_every=1",
-        "log.report_to=none"]
+        "data.max_eval_examples=64", "data.max_eval_generate=0", "train.schedule=cosine", "train.warmup_ratio=0.2",
+        "train.log_every=1", "log.report_to=none"]
 
 
 def train_args(out, *extra):

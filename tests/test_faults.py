@@ -78,8 +78,9 @@ def test_sigkill_from_outside_at_random_times(env, reference):
         proc = env["zygote"].spawn(train_args(out), env["env"])
         after = rng.randint(1, 2)
         last, step_s = None, 0.05
-        for line in proc.stdout_lines():  # wait until training reaches that step (a resumed run may start past it), then
-            now = time.monotonic()  # kill at a random moment
+        # wait until training reaches that step (a resumed run may start past it), then kill at a random moment
+        for line in proc.stdout_lines():
+            now = time.monotonic()
             if re.match(r"step \d+/6", line):
                 step_s, last = (now - last if last is not None else step_s), now
                 if int(line.split()[1].split("/")[0]) >= after:

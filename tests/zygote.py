@@ -9,7 +9,7 @@ of its own: its own exit status, signals, memory, accelerate and torch state, wh
 What a fork cannot give is what a process reads when it starts: glibc's MALLOC_* tuning, the instruction-set caps
 torch and oneDNN read on first use, variables libraries read at import (HF_*, TRANSFORMERS_*, ...). `Zygote.run`
 starts an ordinary subprocess instead when the environment asked for differs from the server's in such a variable
-(FRESH_PREFIXES), and the tests that measure memory or time start ordinary subprocesses themselves.
+(FRESH_PREFIXES): so do the memory measurements, which set MALLOC_MMAP_THRESHOLD_.
 
 Protocol: one JSON line per request on a socket pair, one JSON line back. The server runs no Python thread but its
 own and no native thread beyond the one `import torch` starts (an idle helper; torch's DataLoader forks workers after
@@ -148,7 +148,7 @@ class Zygote:
     """The client: started on first use, one per test session."""
 
     def __init__(self, env: dict[str, str], cwd: str):
-        self.env, self.cwd, self._proc, self._lock = env, cwd, None, threading.Lock()
+        self.env, self.cwd, self._proc = env, cwd, None
         self._tmp = tempfile.mkdtemp(prefix="zygote-")
         self._n = 0
 
@@ -160,12 +160,11 @@ class Zygote:
         self._sock, self._stream = ours, ours.makefile("rw")
 
     def _ask(self, req: dict) -> dict:
-        with self._lock:
-            if self._proc is None:
-                self._start()
-            self._stream.write(json.dumps(req) + "\n")
-            self._stream.flush()
-            line = self._stream.readline()
+        if self._proc is None:
+            self._start()
+        self._stream.write(json.dumps(req) + "\n")
+        self._stream.flush()
+        line = self._stream.readline()
         if not line:
             raise RuntimeError(f"the pre-imported interpreter ended ({self._proc.poll()})")
         reply = json.loads(line)

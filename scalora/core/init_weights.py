@@ -157,9 +157,10 @@ def finish(model: nn.Module, weights: Optional[Callable[[str, nn.Module], torch.
            prefix: str = "") -> int:
     """Run the initialisations left pending in `model`'s LoRA layers (`init_pending`; `residual_pending`, the
     residual base of an adapter loaded from a file; then DoRA's magnitudes, taken from the initialised adapter),
-    with `weights(name, layer)` giving a quantized layer's original weight. Called by LoraModel once the adapter is added to a loaded base, and by the layer-by-layer loader
-    (scalora/loading.py) for each decoder layer once its weights are in, before it is sharded: no process ever
-    holds more than one layer de-quantized. `prefix`: `model`'s name in the model the names are relative to."""
+    with `weights(name, layer)` giving a quantized layer's original weight. Called by LoraModel once the adapter is
+    added to a loaded base, and by the layer-by-layer loader (scalora/loading.py) for each decoder layer once its
+    weights are in, before it is sharded: no process ever holds more than one layer de-quantized. `prefix`: `model`'s
+    name in the model the names are relative to."""
     from .lora import LoraLayer
 
     n = 0
