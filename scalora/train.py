@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import attention, checkpoint, dist, faults, sharding
+from . import attention, checkpoint, dist, faults, malloc, sharding
 from .config import RunConfig
 from .core.errors import UserError
 from .data import Datasets, build_datasets, count_loss_tokens, device_batch, needs_block_mask
@@ -225,8 +225,8 @@ def _log_header(run: Run) -> None:
     log.line(f"scalora: {base} | {cfg.quant.bits}-bit base, LoRA r={cfg.lora.r} | "
              f"{data.stats['train_examples']} train / {data.stats['validation_examples']} validation examples "
              f"({data.format}{', packed' if cfg.data.packing else ''}) | {run.accelerator.num_processes} process(es) "
-             f"x {info['threads']} threads | {run.total} steps of {cfg.train.global_batch_size} | {resume} | "
-             f"compute {info['dtype']} ({info['dtype_why']})")
+             f"x {info['threads']} threads, malloc {malloc.active()} | {run.total} steps of "
+             f"{cfg.train.global_batch_size} | {resume} | compute {info['dtype']} ({info['dtype_why']})")
     if data.stats["truncated"] or data.stats["dropped"]:
         log.line(f"data: {data.stats['truncated']} examples truncated, {data.stats['dropped']} dropped "
                  f"(data.max_length={cfg.data.max_length}, data.too_long={cfg.data.too_long})")
@@ -415,6 +415,7 @@ def _finish(run: Run, tokens_seen: int, elapsed: float, paused: dict[str, float]
                "topology": dist.topology(accelerator), "optimizer_state_elements_per_rank": opt_elements,
                "trainable_params": info["trainable"], "skipped_steps": skipped,
                "compute_dtype": info["dtype"], "compute_dtype_reason": info["dtype_why"], "cpu": cpu_features(),
+               "malloc": malloc.active(),  # "tbbmalloc" or "system" (scalora/malloc.py)
                "peak_memory_gb": round(peak / 2**30, 3),
                "peak_memory_gb_per_rank": _per_rank_gb(accelerator, peak),
                "process_peak_memory_gb": round(max(info["process_peak"], peak) / 2**30, 3),

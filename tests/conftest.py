@@ -19,6 +19,7 @@ VOCAB = 128
 def env(tmp_path_factory):
     """Environment for CLI subprocesses: the builtin base built once into a private cache, no hub, no wandb key; the
     pre-imported interpreter that `helpers.run` forks them from (tests/zygote.py)."""
+    from scalora import malloc
     from scalora.builtin import tiny_llama_path
     from zygote import Zygote
 
@@ -27,6 +28,7 @@ def env(tmp_path_factory):
     e = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     e.update(SCALORA_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu",
              PYTHONUNBUFFERED="1")
+    e = malloc.preload_env(e)  # the allocator the `scalora` command starts itself with, for the runs forked too
     zygote = Zygote(e, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     yield {"env": e, "base": base, "root": tmp_path_factory.mktemp("runs"), "zygote": zygote}
     zygote.close()

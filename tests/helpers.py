@@ -30,6 +30,21 @@ def run(env, *args, check=True, timeout=600):
     return p
 
 
+def live_memory_env(env):
+    """`env` (the session's fixture) for a run whose memory is measured as what is live: glibc's malloc handing every
+    freed block above 64 KiB back at once (MALLOC_MMAP_THRESHOLD_), which TBB's allocator, the command's default
+    (scalora/malloc.py), does not read; such a run starts afresh (tests/zygote.py)."""
+    from scalora import malloc
+
+    e = dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536", **{malloc.ENV: "system"})
+    kept = [p for p in e.get("LD_PRELOAD", "").split() if os.path.basename(p) not in malloc.LIBS]
+    if kept:
+        e["LD_PRELOAD"] = " ".join(kept)
+    else:
+        e.pop("LD_PRELOAD", None)
+    return dict(env, env=e)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

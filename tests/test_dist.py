@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import scalora
 from scalora import checkpoint
 
-from helpers import DIST, adapted_logits, assert_runs_agree, free_port, launch, launch_cmd, losses, run
+from helpers import DIST, adapted_logits, assert_runs_agree, free_port, launch, launch_cmd, live_memory_env, losses, run
 from tolerance import assert_rounding_close, logits_rtol, loss_rtol
 
 pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
@@ -287,7 +287,7 @@ def test_each_rank_loads_a_fraction_of_the_base(env, layered_base):
             "train.global_batch_size=4", "train.micro_batch_size=2", "data.max_length=64", "train.save_every=0",
             f"data.train_file={topics}", "data.validation_fraction=0", "data.max_eval_generate=0",
             "log.report_to=none"]  # no validation: loading is what is measured
-    e = dict(env, env=dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536"))  # freed memory goes back: a live peak
+    e = live_memory_env(env)  # freed memory goes back: a live peak
     out = env["root"] / "layered-single"
     run(e, "train", *args, f"train.output_dir={out}", "dist.low_memory_loading=false")
     single = json.loads((out / "summary.json").read_text())

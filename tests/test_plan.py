@@ -1,9 +1,10 @@
 """`scalora plan`: exact counts from configs, bitsandbytes' real storage, autograd's real saved tensors, measured peaks.
 
 Measured peaks on CPU are resident memory. glibc keeps freed activations cached in the heap, so that the resident set
-overstates what is live (0.81 vs 0.60 GiB measured for the same step); the runs here set MALLOC_MMAP_THRESHOLD_ so
-that large blocks go back to the system when freed and the resident peak is the live peak, which is what the
-planner predicts (on GPUs, torch.cuda.max_memory_allocated measures the same thing).
+overstates what is live (0.81 vs 0.60 GiB measured for the same step); the runs here take glibc's malloc
+(SCALORA_MALLOC=system, not the command's default allocator) with MALLOC_MMAP_THRESHOLD_ so that large blocks go
+back to the system when freed and the resident peak is the live peak, which is what the planner predicts (on GPUs,
+torch.cuda.max_memory_allocated measures the same thing).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from scalora import plan as P
 from scalora.config import load_config
 from scalora.model import shipped_configs
 
-from helpers import launch, run
+from helpers import launch, live_memory_env, run
 
 PUBLISHED = {  # parameter counts on the model cards / safetensors indexes
     "meta-llama/Llama-3.1-8B": 8_030_261_248,
@@ -138,7 +139,7 @@ def peak_and_prediction(env, runtime):
         strategy, _, variant = strategy.partition("+")
         over = [*RUN, f"train.output_dir={out}", f"train.micro_batch_size={micro}", f"data.max_length={length}",
                 f"model.gradient_checkpointing={str(gc).lower()}", f"lora.use_dora={str(variant == 'dora').lower()}"]
-        e = {**env, "env": dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536")}
+        e = live_memory_env(env)
         if launch_file:
             launch(e, launch_file, *over)
         else:

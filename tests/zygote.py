@@ -6,6 +6,9 @@ This server imports them once; each run is a `fork()` of it that sets its own en
 standard streams and then calls the console script's function (`scalora.cli.run`), so every run is still a process
 of its own: its own exit status, signals, memory, accelerate and torch state, what a SIGKILL leaves behind.
 
+The server starts with the environment the session's runs share, the allocator the `scalora` command preloads
+included (LD_PRELOAD, scalora/malloc.py), so forked runs use the allocator a user's command does.
+
 What a fork cannot give is what a process reads when it starts: glibc's MALLOC_* tuning, the instruction-set caps
 torch and oneDNN read on first use, variables libraries read at import (HF_*, TRANSFORMERS_*, ...). `Zygote.run`
 starts an ordinary subprocess instead when the environment asked for differs from the server's in such a variable
@@ -27,8 +30,9 @@ import tempfile
 import threading
 import time
 
-FRESH_PREFIXES = ("MALLOC_", "LD_", "PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "ATEN_", "ONEDNN_", "DNNL_", "TORCH",
-                  "CUDA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "BNB_", "ACCELERATE_")
+FRESH_PREFIXES = ("MALLOC_", "SCALORA_MALLOC", "LD_", "PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "ATEN_", "ONEDNN_",
+                  "DNNL_", "TORCH", "CUDA_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "DS_", "BNB_",
+                  "ACCELERATE_")
 
 
 def _child(req: dict, conn: socket.socket) -> None:

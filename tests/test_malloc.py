@@ -1,0 +1,65 @@
+"""The allocator the `scalora` command runs with (scalora/malloc.py): TBB's scalable allocator, preloaded by the command
+starting itself again before any heavy import; the C library's malloc with SCALORA_MALLOC=system. The allocator
+must change where tensors live, never what they hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import FAST, losses
+from scalora import malloc
+
+
+def test_preload_env_adds_tbbmalloc_once_and_keeps_other_preloads():
+    libs = malloc.tbb_libraries()
+    assert libs, "tbbmalloc's libraries are missing from this environment: the install step (pip install -e .) " \
+                 "installs the `tbb` package on Linux x86-64"
+    env = malloc.preload_env({"LD_PRELOAD": "/opt/other.so"})
+    assert env["LD_PRELOAD"].split() == [*libs, "/opt/other.so"]
+    assert malloc.preload_env(env) == env  # twice: the same, no duplicate
+    assert "LD_PRELOAD" not in malloc.preload_env({malloc.ENV: "system"})
+
+
+def test_entry_point_imports_no_torch_before_choosing_the_allocator():
+    """The started-again process must not have loaded torch twice: the entry point and `import scalora` load only the
+    standard library (the package's PEFT names are imported on first use)."""
+    code = ("import sys, scalora.entry, scalora; assert 'torch' not in sys.modules, 'torch imported';"
+            "from scalora import LoraConfig; assert 'torch' in sys.modules; print(LoraConfig.__name__)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "LoraConfig", p.stderr
+
+
+def test_unknown_allocator_is_refused_with_the_choices(env):
+    e = dict(env["env"], **{malloc.ENV: "jemalloc"})
+    p = subprocess.run([sys.executable, "-m", "scalora", "train", "configs/tiny.yaml"], env=e, capture_output=True,
+                       text=True)
+    assert p.returncode == 1 and "SCALORA_MALLOC='jemalloc'" in p.stderr and "'system'" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_command_runs_with_tbbmalloc_and_the_same_numbers_as_glibc(env, tmp_path):
+    """From an environment without the preload, `scalora train` starts itself again with tbbmalloc (the summary and
+    the header say which allocator ran); SCALORA_MALLOC=system keeps glibc's. Losses and adapter are equal bit for
+    bit: the same kernels on the same values, only the addresses differ."""
+    from safetensors.torch import load_file
+
+    base = {k: v for k, v in env["env"].items() if k != "LD_PRELOAD"}
+    runs = {}
+    for name, extra in (("tbbmalloc", {}), ("system", {malloc.ENV: "system"})):
+        out = tmp_path / name
+        p = subprocess.run([sys.executable, "-m", "scalora", "train", "configs/tiny.yaml", *FAST,
+                            "log.report_to=none", "train.eval_every=0", "data.max_eval_examples=64",
+                            f"train.output_dir={out}"], env=dict(base, **extra), capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert json.loads((out / "summary.json").read_text())["malloc"] == name
+        assert f"malloc {name}" in p.stdout
+        runs[name] = out
+    assert losses(runs["tbbmalloc"]) == losses(runs["system"])
+    a, b = (load_file(os.path.join(runs[n], "final", "adapter_model.safetensors")) for n in ("tbbmalloc", "system"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
