@@ -10,8 +10,10 @@ from typing import Callable
 
 
 def emit_result(result: dict) -> None:
-    """A worker's answer to `run_worker`: one line on stdout."""
-    print("RESULT " + json.dumps(result), flush=True)
+    """A worker's answer to `run_worker`: one line on stdout, with the allocator the worker ran with."""
+    from scalora import malloc
+
+    print("RESULT " + json.dumps({**result, "malloc": malloc.active()}), flush=True)
 
 
 def run_worker(cmd: list[str], env: dict, what: str, cwd=None) -> dict:

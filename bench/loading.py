@@ -84,7 +84,9 @@ def predicted(name: str, processes: int, low_memory: bool, model: str, data: str
 
 def run(name: str, launch: str | None, processes: int, low_memory: bool, model: str, data: str, out: Path) -> dict:
     args = _args(model, data, out, name, low_memory)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
+    # glibc's malloc handing freed blocks back at once: the live peak (not the command's default allocator)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", SCALORA_MALLOC="system", DS_ACCELERATOR="cpu",
+               HF_HUB_OFFLINE="1")
     if launch is None:
         cmd = [sys.executable, "-m", "scalora", "train", *args]
     else:

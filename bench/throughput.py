@@ -423,7 +423,9 @@ class _Null:
 
 # --- the driver -------------------------------------------------------------------------------------------------
 def measure(stack: str, size: str, model: str, data: str, threads: int, live: bool = False) -> dict:
-    """One measurement in a fresh process. live: glibc returns every freed block above 64 KiB at once, so that the
+    """One measurement in a fresh process. scalora's stacks run with the allocator the `scalora` command preloads
+    (TBB's, scalora/malloc.py), the others with glibc's malloc as their users run them; SCALORA_MALLOC=system gives
+    scalora glibc's too. live: glibc for every stack, returning every freed block above 64 KiB at once, so that the
     resident peak is the live peak (what CUDA's max_memory_allocated is on a GPU); steps are slower then."""
     out = f"/tmp/scalora-bench-{stack}-{size}"
     cmd = [sys.executable, __file__, "--worker", stack, "--size", size, "--model", model, "--data", data,
@@ -431,6 +433,10 @@ def measure(stack: str, size: str, model: str, data: str, threads: int, live: bo
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     if live:
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    elif stack.startswith("scalora"):
+        from scalora import malloc
+
+        env = malloc.preload_env(env)
     return run_worker(cmd, env, f"{stack} {size}", cwd=ROOT)
 
 
@@ -538,6 +544,7 @@ def summarize(results: dict) -> dict:
             mfu = med[s] * step_flops_per_token(size, seq) / peak
             nan = float("nan")
             row[s] = {"tokens_per_s": med[s], "peak_gb": mem[s], "mfu": mfu, "dtype": runs[s][0].get("dtype"),
+                      "malloc": runs[s][0].get("malloc"),
                       "vs_peft": med[s] / med.get("peft", nan), "vs_trainer": med[s] / med.get("trainer", nan),
                       "peak_vs_peft": mem[s] / mem.get("peft", nan), "peak_vs_trainer": mem[s] / mem.get("trainer", nan)}
             print(f"{kind:<11} | {size:<5} | {s:<13} | {row[s]['dtype'] or '?':<8} | {med[s]:12.1f} | {mem[s]:8.3f} | "
