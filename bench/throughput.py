@@ -25,6 +25,7 @@ Results go to bench/results/throughput.json and a table on stdout; BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -75,6 +76,10 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     # the same in fp32, the dtype of the peft loop on a CPU (model.dtype auto picks bf16 on AMX CPUs from hidden 512)
     "scalora-pad-fp32": ("scalora", ["model.dtype=float32"]),
     "scalora-dora-pad-fp32": ("scalora", DORA + ["model.dtype=float32"]),
+    # the peft loop in bf16 as TRL / the Trainer run it with bf16=True on a CPU: the base loaded and computed in bf16,
+    # the forward under torch.autocast(bf16), peft's adapters in fp32; scalora's bf16 rows are scalora-pad and
+    # scalora-dora-pad (model.dtype auto on AMX CPUs), or add model.dtype=bfloat16 elsewhere
+    "peft-bf16": ("peft", ["model.dtype=bfloat16"]), "peft-dora-bf16": ("peft", DORA + ["model.dtype=bfloat16"]),
 }
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 2e-4
@@ -187,7 +192,8 @@ def _hf_setup(a):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     cfg = _run_config(a)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    bf16 = torch.cuda.is_available() or cfg.model.dtype == "bfloat16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     tok = AutoTokenizer.from_pretrained(a.model)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
@@ -231,6 +237,9 @@ def worker_peft(a) -> dict:
     cfg, tok, model, device = _hf_setup(a)
     examples = _examples(cfg, tok)
     G, micro, _, steps = RUN[a.size]
+    # bf16 on a CPU: autocast, as the Trainer does with bf16=True (on a GPU the base is bf16 already)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if device == "cpu" and cfg.model.dtype == "bfloat16" \
+        else contextlib.nullcontext()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     model.train()
     _reset_peak()
@@ -250,7 +259,8 @@ def worker_peft(a) -> dict:
         batch_rows = [examples[i] for i in _order(step, len(examples), G, cfg.train.seed)]
         for i in range(0, G, micro):
             rows = batch_rows[i:i + micro]
-            out = model(**make_batch(rows))
+            with autocast:
+                out = model(**make_batch(rows))
             (out.loss / (G // micro)).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -260,7 +270,9 @@ def worker_peft(a) -> dict:
         if step > 0:
             tokens += sum(len(r["input_ids"]) for r in batch_rows)
             seconds += time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds, "peak_gb": _peak(), "dtype": str(model.dtype).removeprefix("torch.")}
+    # the compute dtype (prepare_model_for_kbit_training keeps the embeddings, norms and head in fp32 under autocast)
+    dtype = "bfloat16" if cfg.model.dtype == "bfloat16" else str(model.dtype).removeprefix("torch.")
+    return {"tokens": tokens, "seconds": seconds, "peak_gb": _peak(), "dtype": dtype}
 
 
 def worker_trainer(a) -> dict:
