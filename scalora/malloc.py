@@ -63,12 +63,33 @@ def preload_env(env: dict[str, str]) -> dict[str, str]:
     return dict(env, LD_PRELOAD=" ".join(libs + [p for p in current if p not in libs]))
 
 
+def without_tbb(env: dict[str, str]) -> dict[str, str]:
+    """`env` with tbbmalloc's libraries taken out of LD_PRELOAD (other preloads kept)."""
+    kept = [p for p in env.get("LD_PRELOAD", "").split() if os.path.basename(p) not in LIBS]
+    out = {k: v for k, v in env.items() if k != "LD_PRELOAD"}
+    if kept:
+        out["LD_PRELOAD"] = " ".join(kept)
+    return out
+
+
 def start_with_allocator(argv: list[str]) -> None:
-    """Start `python -m scalora ARGV` again with tbbmalloc preloaded, when it is wanted, installed and not loaded
-    yet; returns (doing nothing) otherwise. Called by the command's entry point before any other import."""
-    if wanted() != "tbb" or os.environ.get(_STARTED) or active() == "tbbmalloc" or not tbb_libraries():
+    """Start `python -m scalora ARGV` again with the allocator asked for when this process has another: with
+    tbbmalloc preloaded when it is wanted and installed, without it under SCALORA_MALLOC=system when an inherited
+    LD_PRELOAD brought it in. Returns (doing nothing) otherwise, also where the process cannot be replaced: the
+    command then runs with the allocator it has, which its first log line names. Called by the command's entry
+    point before any other import; a started-again process never starts itself a third time."""
+    want, have = wanted(), active()
+    if os.environ.get(_STARTED) or not sys.executable or want == {"tbbmalloc": "tbb"}.get(have, have):
         return
-    env = dict(preload_env(dict(os.environ)), **{_STARTED: "1"})
+    if want == "tbb":
+        if not tbb_libraries():
+            return
+        env = preload_env(dict(os.environ))
+    else:
+        env = without_tbb(dict(os.environ))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "scalora", *argv], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "scalora", *argv], dict(env, **{_STARTED: "1"}))
+    except OSError:
+        return

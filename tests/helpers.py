@@ -36,12 +36,7 @@ def live_memory_env(env):
     (scalora/malloc.py), does not read; such a run starts afresh (tests/zygote.py)."""
     from scalora import malloc
 
-    e = dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536", **{malloc.ENV: "system"})
-    kept = [p for p in e.get("LD_PRELOAD", "").split() if os.path.basename(p) not in malloc.LIBS]
-    if kept:
-        e["LD_PRELOAD"] = " ".join(kept)
-    else:
-        e.pop("LD_PRELOAD", None)
+    e = malloc.without_tbb(dict(env["env"], MALLOC_MMAP_THRESHOLD_="65536", **{malloc.ENV: "system"}))
     return dict(env, env=e)
 
 

@@ -23,6 +23,8 @@ def test_preload_env_adds_tbbmalloc_once_and_keeps_other_preloads():
     assert env["LD_PRELOAD"].split() == [*libs, "/opt/other.so"]
     assert malloc.preload_env(env) == env  # twice: the same, no duplicate
     assert "LD_PRELOAD" not in malloc.preload_env({malloc.ENV: "system"})
+    assert malloc.without_tbb(env) == {"LD_PRELOAD": "/opt/other.so"}
+    assert "LD_PRELOAD" not in malloc.without_tbb(malloc.preload_env({}))
 
 
 def test_entry_point_imports_no_torch_before_choosing_the_allocator():
@@ -49,18 +51,19 @@ def test_unknown_allocator_is_refused_with_the_choices():
 @pytest.mark.slow
 def test_command_runs_with_tbbmalloc_and_the_same_numbers_as_glibc(env, tmp_path):
     """From an environment without the preload, `scalora train` starts itself again with tbbmalloc (the summary and
-    the header say which allocator ran); SCALORA_MALLOC=system keeps glibc's. Losses and adapter are equal bit for
-    bit: the same kernels on the same values, only the addresses differ."""
+    the header say which allocator ran); SCALORA_MALLOC=system runs glibc's, also where an inherited LD_PRELOAD
+    (the session's, which has tbbmalloc) brought the other in: it starts itself again without it. Losses and adapter
+    are equal bit for bit: the same kernels on the same values, only the addresses differ."""
     from safetensors.torch import load_file
 
-    base = {k: v for k, v in env["env"].items() if k != "LD_PRELOAD"}
+    assert malloc.tbb_libraries()[1] in env["env"]["LD_PRELOAD"]
     runs = {}
-    for name, extra in (("tbbmalloc", {}), ("system", {malloc.ENV: "system"})):
+    for name, e in (("tbbmalloc", malloc.without_tbb(env["env"])),
+                    ("system", dict(env["env"], **{malloc.ENV: "system"}))):
         out = tmp_path / name
         p = subprocess.run([sys.executable, "-m", "scalora", "train", "configs/tiny.yaml", *FAST,
                             "log.report_to=none", "train.eval_every=0", "data.max_eval_examples=64",
-                            f"train.output_dir={out}"], env=dict(base, **extra), capture_output=True, text=True,
-                           timeout=600)
+                            f"train.output_dir={out}"], env=e, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         assert json.loads((out / "summary.json").read_text())["malloc"] == name
         assert f"malloc {name}" in p.stdout
