@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Mapping, Optional
 
 ENV = "SCALORA_MALLOC"  # "tbb" (the default) or "system"
 _STARTED = "SCALORA_MALLOC_STARTED"  # set in the started-again process: it never starts itself a third time
 LIBS = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the proxy needs the first, found by its soname once loaded
 
 
-def wanted() -> str:
-    value = os.environ.get(ENV, "tbb").strip().lower() or "tbb"
+def wanted(env: Mapping[str, str] = os.environ) -> str:
+    """The allocator `env` asks for: "tbb" (the default) or "system"; any other SCALORA_MALLOC is refused."""
+    value = env.get(ENV, "tbb").strip().lower() or "tbb"
     if value not in ("tbb", "system"):
-        raise SystemExit(f"scalora: error: {ENV}={os.environ[ENV]!r}: use 'tbb' (TBB's scalable allocator, the "
+        raise SystemExit(f"scalora: error: {ENV}={env[ENV]!r}: use 'tbb' (TBB's scalable allocator, the "
                          "default) or 'system' (the C library's malloc)")
     return value
 
@@ -56,7 +57,7 @@ def active() -> str:
 
 def preload_env(env: dict[str, str]) -> dict[str, str]:
     """`env` with tbbmalloc in LD_PRELOAD when it is wanted and installed (unchanged otherwise)."""
-    libs = tbb_libraries() if env.get(ENV, "tbb").strip().lower() in ("", "tbb") else None
+    libs = tbb_libraries() if wanted(env) == "tbb" else None
     if not libs:
         return dict(env)
     current = env.get("LD_PRELOAD", "").split()
@@ -78,10 +79,10 @@ def start_with_allocator(argv: list[str]) -> None:
     LD_PRELOAD brought it in. Returns (doing nothing) otherwise, also where the process cannot be replaced: the
     command then runs with the allocator it has, which its first log line names. Called by the command's entry
     point before any other import; a started-again process never starts itself a third time."""
-    want, have = wanted(), active()
-    if os.environ.get(_STARTED) or not sys.executable or want == {"tbbmalloc": "tbb"}.get(have, have):
+    want_tbb = wanted() == "tbb"
+    if os.environ.get(_STARTED) or not sys.executable or want_tbb == (active() == "tbbmalloc"):
         return
-    if want == "tbb":
+    if want_tbb:
         if not tbb_libraries():
             return
         env = preload_env(dict(os.environ))
