@@ -15,31 +15,29 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, ROOT)
 
 from common import write_results  # noqa: E402
+from real import run_measured  # noqa: E402
 
 
-def one_run(config: str, overrides: list[str], allocator: str, out: str) -> dict:
-    env = dict(os.environ, SCALORA_MALLOC=allocator, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    env.pop("LD_PRELOAD", None)  # the command preloads its allocator itself
+def one_run(config: str, overrides: list[str], allocator: str, out: str, log_dir: str) -> dict:
+    from scalora import malloc
+
+    # the command preloads its allocator itself (other preloads kept)
+    env = malloc.without_tbb(dict(os.environ, SCALORA_MALLOC=allocator, HF_HUB_OFFLINE="1", WANDB_MODE="disabled",
+                                  BENCH_LOG_DIR=log_dir))
     cmd = [sys.executable, "-m", "scalora", "train", config, *overrides, "train.eval_every=0", "train.save_every=0",
            "data.max_eval_examples=1", "data.max_eval_generate=0", "log.report_to=none", "train.overwrite=true",
            f"train.output_dir={out}"]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{allocator} run failed:\n{err[-3000:]}")
+    _, peak = run_measured(cmd, env, f"{allocator} {os.path.basename(out)}")
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
-    return {"malloc": s["malloc"], "tokens_per_s": s["tokens_per_s"], "peak_gib": round(usage.ru_maxrss / 2**20, 3),
+    return {"malloc": s["malloc"], "tokens_per_s": s["tokens_per_s"], "peak_gib": round(peak, 3),
             "dtype": s["compute_dtype"]}
 
 
@@ -50,6 +48,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "malloc.json"))
+    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/scalora/bench/malloc"),
+                    help="the runs' folders and logs (kept: a failed run's log names its file)")
     args = ap.parse_args()
     from scalora.hardware import cpu_features, cpu_kind
 
@@ -58,12 +58,13 @@ def main() -> None:
     overrides = [f"train.max_steps={args.steps}", f"model.dtype={args.dtype}"]
     runs: dict[str, list[dict]] = {"system": [], "tbb": []}
     print(f"CPU kind: {kind}; {args.config}, {args.steps} steps, {args.repeats} repeats, interleaved", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            for allocator in ("system", "tbb"):  # interleaved: a slow moment of a shared machine hits both
-                row = one_run(args.config, overrides, allocator, os.path.join(tmp, f"{allocator}-{r}"))
-                runs[allocator].append(row)
-                print(f"  {allocator:<6} repeat {r}: {row}", flush=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    for r in range(args.repeats):
+        for allocator in ("system", "tbb"):  # interleaved: a slow moment of a shared machine hits both
+            row = one_run(args.config, overrides, allocator, os.path.join(args.workdir, f"{allocator}-{r}"),
+                          args.workdir)
+            runs[allocator].append(row)
+            print(f"  {allocator:<6} repeat {r}: {row}", flush=True)
     med = {a: {k: statistics.median(x[k] for x in rows) for k in ("tokens_per_s", "peak_gib")}
            for a, rows in runs.items()}
     speed = med["tbb"]["tokens_per_s"] / med["system"]["tokens_per_s"]
