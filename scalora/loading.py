@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import malloc
 from .core.adapter_io import checkpoint_index, read_copies as read
 from .core import quant
 from .core.errors import UserError
@@ -214,23 +215,9 @@ class LayerwiseLoader:
 
 
 def return_freed_memory() -> None:
-    """Hand memory freed since the last call back to the OS (glibc's malloc_trim; nothing elsewhere). glibc keeps
-    freed blocks in its heaps, and layer after layer of differently sized tensors leaves them fragmented: measured
-    on SmolLM2-135M's streamed GGUF export (Intel Xeon with AMX), resident memory grew 0.57 -> 0.72 GiB over the 30
-    layers with 74 MB of live tensors throughout, and stayed at 0.51 GiB with a trim after each layer."""
-    import ctypes
-    import ctypes.util
-
-    global _LIBC
-    if _LIBC is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _LIBC = ctypes.CDLL(name) if name else False
-            _LIBC.malloc_trim  # noqa: B018 - glibc only (musl and macOS have none)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+    """Hand memory freed since the last call back to the OS (scalora/malloc.py `release_cached`: glibc's malloc_trim
+    or tbbmalloc's buffers). glibc keeps freed blocks in its heaps, and layer after layer of differently sized
+    tensors leaves them fragmented: measured on SmolLM2-135M's streamed GGUF export (Intel Xeon with AMX), resident
+    memory grew 0.57 -> 0.72 GiB over the 30 layers with 74 MB of live tensors throughout, and stayed at 0.51 GiB
+    with a trim after each layer."""
+    malloc.release_cached()

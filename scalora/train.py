@@ -181,6 +181,8 @@ def setup(cfg: RunConfig) -> Run:
     # base with the adapter as initialised (computed again, the same, by a resumed run)
     initial = sharding.gather_params(accelerator.unwrap_model(model)) \
         if changes_base(cfg.lora.init_lora_weights) else None
+    if malloc.tbb_active():
+        malloc.release_cached()  # what loading freed (23 MB of SmolLM2-135M's bf16 load)
     # from here on, the peak is training's (what `scalora plan` predicts)
     load_peak = max(build_peak, dist.reset_peak_memory())
     config_yaml = os.path.join(out, "config.yaml")
@@ -327,6 +329,10 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
     pad_to = cfg.data.max_length if cfg.model.compile and cfg.data.packing else None
     step_loss = torch.zeros((), device=accelerator.device)
     grad_norm, skipped = None, 0
+    # Padded micro-batches are each a new shape, so the allocator's cache of the last one's blocks mostly goes unused
+    # and only raises the peak: handed back after each (scalora/malloc.py release_cached). Packed rows are nearly one
+    # shape and reuse it: there the release cost 0.86x the tokens/s (30m, bench/throughput.py) and is not made.
+    release = malloc.release_cached if malloc.tbb_active() and not cfg.data.packing else (lambda: None)
     for i in range(0, len(mine), micro):
         # Dropout is seeded by the micro-batch's place in the global batch: the same examples get the same masks on
         # any number of processes, and a resumed run needs no saved RNG state.
@@ -350,6 +356,7 @@ def train_step(run: Run, step: int, rows: list[dict], n_tokens: int) -> tuple[to
             else:
                 run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
+            release()  # the micro-batch's activations (and a step's gradients)
     run.scheduler.step()
     return accelerator.reduce(step_loss, "sum"), grad_norm, skipped
 
