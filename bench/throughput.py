@@ -79,6 +79,8 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     # the same in fp32, the dtype of the peft loop on a CPU (model.dtype auto picks bf16 on AMX CPUs from hidden 512)
     "scalora-pad-fp32": ("scalora", ["model.dtype=float32"]),
     "scalora-dora-pad-fp32": ("scalora", DORA + ["model.dtype=float32"]),
+    "scalora-dora-pack-fp32": ("scalora", PACK + DORA + ["model.dtype=float32"]),
+    "peft-dora-pack": ("peft", PACK + DORA),  # the peft DoRA loop on scalora's packed rows (as peft-pack)
     # the peft loop in bf16 as TRL / the Trainer run it with bf16=True on a CPU: the base loaded and computed in bf16,
     # the forward under torch.autocast(bf16), peft's adapters in fp32; scalora's bf16 rows are scalora-pad and
     # scalora-dora-pad (model.dtype auto on AMX CPUs), or add model.dtype=bfloat16 elsewhere
