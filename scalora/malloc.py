@@ -16,6 +16,7 @@ before torch is loaded.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Mapping, Optional
@@ -46,8 +47,10 @@ def tbb_libraries() -> Optional[list[str]]:
     return None
 
 
+@functools.cache
 def active() -> str:
-    """The allocator this process runs with: "tbbmalloc" if its proxy is loaded, else "system"."""
+    """The allocator this process runs with: "tbbmalloc" if its proxy is loaded, else "system" (read once: the
+    allocator cannot change in a running process)."""
     try:
         with open("/proc/self/maps") as f:
             return "tbbmalloc" if any(LIBS[1] in line for line in f) else "system"
@@ -75,11 +78,8 @@ def release_cached() -> None:
 
 
 def tbb_active() -> bool:
-    """Whether this process runs with tbbmalloc (read once: the allocator cannot change in a running process)."""
-    global _TBB_ACTIVE
-    if _TBB_ACTIVE is None:
-        _TBB_ACTIVE = active() == "tbbmalloc"
-    return _TBB_ACTIVE
+    """Whether this process runs with tbbmalloc."""
+    return active() == "tbbmalloc"
 
 
 def _find_release():
@@ -99,7 +99,6 @@ def _find_release():
 
 
 _RELEASE = None
-_TBB_ACTIVE: Optional[bool] = None
 
 
 def preload_env(env: dict[str, str]) -> dict[str, str]:
