@@ -5,7 +5,9 @@ The LoRA forward never looks at the base kind; only merging does, through `dense
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 import warnings
 
 import torch
@@ -18,8 +20,50 @@ from .errors import UserError
 # keep_4bit_weights_plain), so the warning only misleads.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+
+
+def _deferred_compile(compile_fn):
+    """A stand-in for `torch.compile` that compiles on the first call instead of at decoration."""
+
+    def defer(fn=None, **kwargs):
+        if fn is None:  # used as @torch.compile(dynamic=False)
+            return lambda f: defer(f, **kwargs)
+        compiled = []
+
+        @functools.wraps(fn)
+        def call(*args, **kw):
+            if not compiled:
+                compiled.append(compile_fn(fn, **kwargs))
+            return compiled[0](*args, **kw)
+
+        return call
+
+    return defer
+
+
+def _import_bitsandbytes():
+    """`import bitsandbytes`, with the `torch.compile` it applies at import deferred to first use.
+
+    bitsandbytes 0.50 wraps four default kernels in `torch.compile` when it is imported (its 4-bit and blockwise
+    de-quantization fallbacks, its 32-bit optimizer's steps); that call loads inductor's code generators (550 modules,
+    networkx among them) whether or not the kernels ever run. On a CPU they run only for odd shapes or blocks of
+    2048 and more. Deferred: 41 MB less resident after `import scalora.train` and SmolLM2-135M's bf16 peak 0.91 ->
+    0.86 GiB (3 steps, one pair) [amx_bf16 avx512_bf16]; a kernel that does run is compiled on its first call, as
+    `torch.compile` itself would (tests/test_quant_import.py).
+    """
+    if "bitsandbytes" in sys.modules:  # imported before scalora: nothing left to defer
+        return sys.modules["bitsandbytes"]
+    real = torch.compile
+    torch.compile = _deferred_compile(real)
+    try:
+        import bitsandbytes
+    finally:
+        torch.compile = real
+    return bitsandbytes
+
+
 try:  # bitsandbytes is a runtime dependency, but keep the core importable where its native library is broken
-    import bitsandbytes as bnb
+    bnb = _import_bitsandbytes()
 except Exception:  # pragma: no cover - exercised only on broken installs
     bnb = None
 

@@ -1,0 +1,62 @@
+"""bitsandbytes imported by scalora's core with its import-time `torch.compile` deferred (scalora/core/quant.py)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scalora.core import quant
+
+# Modules only a `torch.compile(...)` call loads: transformers' own imports bring dynamo, not these
+_COMPILE_ONLY = ("torch._inductor.compile_fx", "networkx")
+
+_PROBE = """
+import json, sys
+{first}
+import scalora.core, transformers.masking_utils  # what `scalora train` imports before building a model
+import bitsandbytes.backends.default.ops as ops
+print(json.dumps({{m: m in sys.modules for m in {mods!r}}}))
+"""
+
+
+def _loaded(first: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE.format(first=first, mods=_COMPILE_ONLY)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch, transformers and bitsandbytes: ~10 s
+def test_importing_the_core_leaves_inductor_unloaded():
+    assert _loaded("") == {m: False for m in _COMPILE_ONLY}
+    # bitsandbytes imported first, as it is: the compile machinery is loaded (what the test would miss if broken)
+    assert _loaded("import bitsandbytes") == {m: True for m in _COMPILE_ONLY}
+
+
+def test_deferred_compile_compiles_once_on_first_call_with_the_arguments_given():
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        calls.append(kwargs)
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    defer = quant._deferred_compile(fake_compile)
+
+    @defer(dynamic=False)
+    def double(x):
+        return 2 * x
+
+    def triple(x):
+        return 3 * x
+
+    bare = defer(triple)
+    assert calls == []  # nothing compiled at decoration
+    assert double(torch.tensor(2.0)) == ("compiled", torch.tensor(4.0))
+    assert double(3) == ("compiled", 6) and bare(1) == ("compiled", 3)
+    assert calls == [{"dynamic": False}, {}]  # once each, with the decorator's arguments
+    assert double.__name__ == "double"
+
+
+def test_import_restores_torch_compile():
+    assert torch.compile is not None and torch.compile.__module__ == "torch"
