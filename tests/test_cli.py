@@ -44,13 +44,14 @@ def test_train_writes_everything(trained):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_eval"]["eval/loss"] < summary["first_eval"]["eval/loss"]
     # tokens/s measure training alone: the windows' seconds (tokens / tokens_per_s) add up to the summary's training
-    # seconds, with the validation and checkpoint of step 3 left out of step 4's window (validating 300 examples
-    # and writing a checkpoint take longer than one step of 16: counted in, step 4's window would be the longest)
+    # seconds, with the validation and checkpoint of step 3 left out of step 4's window: counted in, that window
+    # would be at least their seconds plus a step's; left out, it is one step (0.11-0.17 s here, 1.18 s once in a
+    # loaded moment of a full suite, against 1.5 s of validating 300 examples and 0.2 s of checkpoint)
     train_rows = [m for m in metrics if "train/loss" in m]
     window = [(m["train/tokens"] - prev) / m["train/tokens_per_s"]
               for m, prev in zip(train_rows, [0] + [m["train/tokens"] for m in train_rows])]
     assert abs(sum(window) - summary["train_seconds"]) <= 0.05 * summary["train_seconds"] + 0.05, (window, summary)
-    assert window[3] < summary["validation_seconds"] / 3 + summary["checkpoint_seconds"] / 2, (window, summary)
+    assert window[3] < summary["validation_seconds"] + summary["checkpoint_seconds"], (window, summary)
     assert f"{summary['train_seconds']:.1f} s of training" in p.stdout
     # generation samples: the first 3 validation questions at every validation, in the log before and after
     from scalora.data import _builtin_file
