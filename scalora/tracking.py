@@ -31,14 +31,13 @@ def choose_tracker(cfg: RunConfig) -> Optional[str]:
         mode = cfg.log.wandb_mode
         if mode == "auto":  # a WANDB_MODE the user exported wins; otherwise online only with a key
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-        if mode == "online":
-            why = wandb_unreachable()
-            if why:  # offline at once instead of W&B's own ~15 s of retries and then no W&B run at all
-                if os.environ.get("RANK", "0") == "0":
-                    runs = os.path.join(cfg.train.output_dir, "wandb", "offline-run-*")
-                    warnings.warn(f"the W&B server cannot be reached ({why}); this run logs to W&B offline: upload it "
-                                  f"later with `wandb sync {runs}`")
-                mode = "offline"
+        # only the main process starts W&B (accelerate's tracker), so only it asks whether the server answers
+        why = wandb_unreachable() if mode == "online" and os.environ.get("RANK", "0") == "0" else None
+        if why:  # offline at once instead of W&B's own ~15 s of retries and then no W&B run at all
+            runs = os.path.join(cfg.train.output_dir, "wandb", "offline-run-*")
+            warnings.warn(f"the W&B server cannot be reached ({why}); this run logs to W&B offline: upload it later "
+                          f"with `wandb sync {runs}`")
+            mode = "offline"
         os.environ["WANDB_MODE"] = mode
         return "wandb"
     if report == "tensorboard":

@@ -16,7 +16,7 @@ _PROBE = """
 import json, sys
 {first}
 import scalora.core, transformers.masking_utils  # what `scalora train` imports before building a model
-import bitsandbytes.backends.default.ops as ops
+import bitsandbytes.backends.default.ops  # the module whose kernels bitsandbytes compiles
 print(json.dumps({{m: m in sys.modules for m in {mods!r}}}))
 """
 

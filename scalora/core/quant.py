@@ -21,7 +21,6 @@ from .errors import UserError
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-
 def _deferred_compile(compile_fn):
     """A stand-in for `torch.compile` that compiles on the first call instead of at decoration."""
 
