@@ -62,6 +62,7 @@ RUN = {  # (global batch, micro batch, max_length, measured steps): the bigger t
 }
 BEST = ["model.liger_kernel=true", "train.chunked_loss=liger", "model.compile=true"]  # scalora-best: GPU levers
 PACK, COMPILE, DORA = ["data.packing=true"], ["model.compile=true"], ["lora.use_dora=true"]
+KEEP = ["model.keep_base_outputs=true"]
 # peft's LoRA path: torch's dropout, a mask per layer, peft's order of operations
 TORCH_DROPOUT = ["train.fast_dropout=false", "train.shared_dropout=false", "train.fused_lora=false"]
 STACKS = {  # name: (which loop, run-config overrides on top of the shared settings)
@@ -81,6 +82,10 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     "scalora-dora-pad-fp32": ("scalora", DORA + ["model.dtype=float32"]),
     "scalora-dora-pack-fp32": ("scalora", PACK + DORA + ["model.dtype=float32"]),
     "peft-dora-pack": ("peft", PACK + DORA),  # the peft DoRA loop on scalora's packed rows (as peft-pack)
+    # model.keep_base_outputs: the 4-bit base's outputs kept through checkpointing instead of recomputed
+    "scalora-keep-pad-fp32": ("scalora", KEEP + ["model.dtype=float32"]),
+    "scalora-dora-keep-pad-fp32": ("scalora", KEEP + DORA + ["model.dtype=float32"]),
+    "scalora-keep-pad": ("scalora", KEEP), "scalora-dora-keep-pad": ("scalora", KEEP + DORA),
     # the peft loop in bf16 as TRL / the Trainer run it with bf16=True on a CPU: the base loaded and computed in bf16,
     # the forward under torch.autocast(bf16), peft's adapters in fp32; scalora's bf16 rows are scalora-pad and
     # scalora-dora-pad (model.dtype auto on AMX CPUs), or add model.dtype=bfloat16 elsewhere

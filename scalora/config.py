@@ -43,6 +43,11 @@ class ModelConfig:
         "auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on other GPUs; on CPUs bf16 with AMX for hidden "
         "size >= 512, else fp32 (measured: scalora/hardware.py)")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
+    keep_base_outputs: bool = _f(False, "4-bit bases with gradient checkpointing: keep each LoRA layer's base "
+                                 "output (DoRA with dropout: its two) from the forward instead of recomputing it in "
+                                 "backward; one 4-bit matmul per wrapped layer and micro-batch fewer, for tokens x "
+                                 "out_features values per wrapped layer held until backward (`scalora plan` counts "
+                                 "them); not under ZeRO-3 or FSDP")
     attn_implementation: Optional[str] = _f(
         None, "transformers attention kernel (sdpa, eager, sdpa_segments, flash_attention_2, flex_attention on "
         "GPUs); unset: sdpa_segments on CPUs in fp32 (each example its own causal SDPA call, no T x T mask; sdpa in "
@@ -297,6 +302,15 @@ def _range_problems(cfg: RunConfig) -> list[str]:
                  "uses 16)")
     if t.max_grad_norm < 0:
         p.append(f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 turns clipping off)")
+    if cfg.model.keep_base_outputs and not cfg.model.gradient_checkpointing:
+        p.append("model.keep_base_outputs=true keeps outputs from being recomputed, and model.gradient_checkpointing="
+                 "false recomputes nothing: drop keep_base_outputs, or set model.gradient_checkpointing=true")
+    if cfg.model.keep_base_outputs and q.bits != 4:
+        p.append(f"model.keep_base_outputs=true keeps 4-bit bases' outputs only (a {q.bits}-bit base's matmul saves "
+                 "its input for backward, so the recomputation must run it): drop it, or set quant.bits=4")
+    if cfg.model.keep_base_outputs and cfg.model.compile:
+        p.append("model.keep_base_outputs=true has no effect on compiled layers (model.compile=true): drop one of the "
+                 "two")
     if cfg.dist.num_processes < 1:
         p.append(f"dist.num_processes={cfg.dist.num_processes}: must be at least 1")
     if q.bits == 16 and q.storage_dtype not in ("auto",):

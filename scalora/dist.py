@@ -311,6 +311,11 @@ def topology_problems(kind: str, cfg, storage: Optional[torch.dtype] = None,
     if cfg.model.compile and kind in ("zero3", "fsdp"):
         problems.append(f"model.compile=true under {kind}: compiled layers with sharded parameters are not tested in "
                         "scalora yet; set model.compile=false, or use launch/ddp.yaml / launch/zero2.yaml")
+    if cfg.model.keep_base_outputs and kind in ("zero3", "fsdp"):
+        # the kept outputs' backward reads the base weight outside the layer's forward, where the engine has it
+        # sharded (not built for that)
+        problems.append(f"model.keep_base_outputs=true under {kind}: the base weights are sharded there; drop it, or "
+                        "use launch/ddp.yaml / launch/zero2.yaml")
     if sharded and cfg.train.optimizer != "adamw":
         problems.append(f"train.optimizer={cfg.train.optimizer} keeps block-wise 8-bit state that {kind} cannot "
                         "shard: use train.optimizer=adamw (sharding already divides the optimizer memory)")

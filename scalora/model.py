@@ -181,17 +181,27 @@ def prepare_for_training(model, cfg: RunConfig) -> None:
     freeze_with_fp32_norms(model)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        # transformers turns on a gradient for the embeddings' output with checkpointing, which only reentrant
-        # checkpointing needs (peft's prepare_model_for_kbit_training skips it for use_reentrant=False, but calls
-        # transformers, which adds it anyway): backward then computed the first layer's q/k/v matmuls for their input
-        # and its input norm's backward, for frozen embeddings.
-        if hasattr(model, "disable_input_require_grads"):
-            model.disable_input_require_grads()
+        enable_checkpointing(model, cfg.model.keep_base_outputs)
+
+
+def enable_checkpointing(model, keep_base_outputs: bool = False) -> None:
+    """transformers' gradient checkpointing of each decoder layer, non-reentrant; `keep_base_outputs`: the LoRA
+    layers' base outputs kept from the forward for the recomputation (scalora.core.lora.keep_base_outputs_contexts)."""
+    from .core.lora import keep_base_outputs_contexts
+
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if keep_base_outputs:
+        kwargs["context_fn"] = keep_base_outputs_contexts
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers turns on a gradient for the embeddings' output with checkpointing, which only reentrant
+    # checkpointing needs (peft's prepare_model_for_kbit_training skips it for use_reentrant=False, but calls
+    # transformers, which adds it anyway): backward then computed the first layer's q/k/v matmuls for their input
+    # and its input norm's backward, for frozen embeddings.
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
 
 
 def lora_config(cfg: RunConfig, base_path: str) -> LoraConfig:

@@ -91,6 +91,7 @@ class Settings:
     low_memory_loading: bool = True     # dist.low_memory_loading: ZeRO-3 / FSDP load the base layer by layer
     shared_dropout: bool = True         # train.shared_dropout: q/k/v and gate/up keep one dropout output
     fast_dropout: bool = True           # train.fast_dropout: on CPUs the dropout keeps a boolean mask only
+    keep_base_outputs: bool = False     # model.keep_base_outputs: 4-bit base outputs kept through checkpointing
 
 
 @dataclass
@@ -295,12 +296,21 @@ def loading_bytes(s: Shape, st: Settings, strategy: str, devices: int) -> float:
     return shardable + replicated + transient + lora
 
 
+def kept_bytes_per_token(s: Shape, st: Settings) -> float:
+    """model.keep_base_outputs (4-bit bases, with checkpointing): every wrapped layer's base output in the compute
+    dtype, held from the forward to its layer's backward; DoRA with dropout keeps its second product as well."""
+    if not (st.keep_base_outputs and st.bits == 4):
+        return 0.0
+    return s.lora_out_features * st.compute_bytes * (2 if st.use_dora and st.lora_dropout > 0 else 1)
+
+
 def activation_bytes(s: Shape, st: Settings, gradient_checkpointing: Optional[bool] = None) -> float:
     gc = st.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
     tokens = st.micro_batch * st.seq_len
     layer = layer_activation_bytes_per_token(s, st)
     if gc:  # layer inputs kept; one layer recomputed at a time, with its gradients in flight
         body = s.n_layers * s.hidden * st.compute_bytes + layer + 2 * max(s.hidden, s.intermediate) * st.compute_bytes
+        body += kept_bytes_per_token(s, st)
     else:
         body = s.n_layers * layer
     total = tokens * body + loss_bytes(s, st) + tokens * s.hidden * st.compute_bytes  # + embeddings
@@ -339,6 +349,8 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
                 cpu["gradients"] = e.parts["gradients"]
                 e.parts["gradients"] = 0.0
     e.parts["activations"] = activation_bytes(s, st) - loss_bytes(s, st)
+    if shard_weights and st.gradient_checkpointing:  # keep_base_outputs is refused there (scalora/dist.py)
+        e.parts["activations"] -= st.micro_batch * st.seq_len * kept_bytes_per_token(s, st)
     e.parts["loss"] = loss_bytes(s, st)
     working = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
     if st.use_dora:  # the norm ||W + s B A||: the largest layer de-quantized, B A and their sum, fp32, for a moment
@@ -378,7 +390,8 @@ def settings_from_config(cfg, device: str = "gpu", cpu_overhead: float = 0.0,
                         cfg, torch.float32 if compute == 4 else torch.bfloat16, device == "cpu")),
                     chunked_loss=cfg.train.chunked_loss,
                     device=device, cpu_overhead=cpu_overhead, low_memory_loading=cfg.dist.low_memory_loading,
-                    shared_dropout=cfg.train.shared_dropout, fast_dropout=cfg.train.fast_dropout)
+                    shared_dropout=cfg.train.shared_dropout, fast_dropout=cfg.train.fast_dropout,
+                    keep_base_outputs=cfg.model.keep_base_outputs)
 
 
 def cpu_runtime_bytes(deepspeed: bool = False) -> float:

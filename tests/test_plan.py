@@ -107,6 +107,40 @@ def test_saved_activations_match_autograd(env, dora):
         assert abs(lora_only - saved) / saved >= 0.15, (lora_only, saved)
 
 
+@pytest.mark.parametrize("dora", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_kept_outputs_counted(env, monkeypatch, dora):
+    """model.keep_base_outputs: what the planner adds under checkpointing equals, to the byte, what the LoRA layers
+    hold at the end of the forward (every kept output's storage); DoRA with dropout keeps two per layer, so one
+    count per layer would fall short by half."""
+    from scalora.core import lora
+    from scalora.data import build_datasets, collate
+    from scalora.loss import token_loss_sum
+    from scalora.model import build_model
+
+    stores = []
+    make = lora.keep_base_outputs_contexts
+
+    def recording():
+        pair = make()
+        stores.append(pair[0].kept)
+        return pair
+
+    monkeypatch.setattr(lora, "keep_base_outputs_contexts", recording)
+    cfg = _cfg(env, "data.max_length=64", "model.keep_base_outputs=true", f"lora.use_dora={str(dora).lower()}")
+    model, tok, _ = build_model(cfg)
+    model.train()
+    batch = collate(build_datasets(cfg.data, tok, 0).train[:2], tok.pad_token_id)
+    token_loss_sum(model, batch)
+    kept = sum(t.untyped_storage().nbytes() for store in stores for queue in store.values() for t in queue)
+    shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r, use_dora=dora)
+    st = P.Settings(device="cpu", compute_bytes=4, lora_dropout=cfg.lora.lora_dropout, use_dora=dora,
+                    keep_base_outputs=True)
+    assert len(stores) == shape.n_layers and kept > 0
+    assert kept == batch["input_ids"].numel() * P.kept_bytes_per_token(shape, st)
+    if dora:
+        assert kept != batch["input_ids"].numel() * shape.lora_out_features * 4
+
+
 RUN = ["train.max_steps=1", "log.report_to=none", "data.packing=true", "train.global_batch_size=8",
        "data.max_eval_generate=0", "train.eval_every=0", "data.validation_fraction=0.02", "train.save_every=0"]
 CASES = [  # (strategy, launch file, gradient checkpointing, micro-batch, max_length)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -197,6 +198,66 @@ def share_dropout_masks(model: nn.Module, groups: tuple[tuple[str, ...], ...] = 
     return n
 
 
+class _Phase:
+    """One side of a checkpointed call (its forward, or its recomputation in backward) while it runs: the LoRA
+    layers called inside look it up (`_current_phase`) to keep or take back their base outputs."""
+
+    def __init__(self, kept: dict, recompute: bool) -> None:
+        self.kept, self.recompute = kept, recompute
+
+    def __enter__(self) -> "_Phase":
+        _phases.__dict__.setdefault("stack", []).append(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        _phases.stack.pop()
+        return False
+
+
+_phases = threading.local()  # the recomputation runs in backward, in the thread that runs it
+
+
+def _current_phase() -> Optional[_Phase]:
+    if torch.compiler.is_compiling():  # a compiled layer computes its products itself
+        return None
+    stack = getattr(_phases, "stack", None)
+    return stack[-1] if stack else None
+
+
+def keep_base_outputs_contexts() -> tuple[_Phase, _Phase]:
+    """`context_fn` for non-reentrant `torch.utils.checkpoint` (the orchestrator's `model.keep_base_outputs`): in
+    the checkpointed forward every LoRA layer on a 4-bit base keeps its base's output (the product on the dropped
+    input too, for DoRA with dropout), and the recomputation in backward takes them back instead of multiplying by
+    the base weight again: one 4-bit matmul per wrapped layer and micro-batch fewer (two for DoRA with dropout), for
+    tokens x out_features values per wrapped layer held from the forward until its layer's backward.
+
+    Backward runs the forward's graph (the recomputation only refills the tensors it saved): the base's own node
+    computes its input gradient, as without this. The recomputation must save what the forward saved, tensor for
+    tensor: bitsandbytes' 4-bit matmul saves none through autograd's saved-tensor hooks (it keeps the packed weight
+    on its context), and the kept output goes back attached to its input (`_Kept`), so that what follows it saves
+    what it saved in the forward; a plain or 8-bit base saves its input, so theirs are computed again. The two
+    contexts share one store per checkpointed call, and the recomputation replays the forward's calls in order (the
+    same RNG state), so each layer takes back its own outputs in turn."""
+    kept: dict = {}
+    return _Phase(kept, recompute=False), _Phase(kept, recompute=True)
+
+
+class _Kept(torch.autograd.Function):
+    """A 4-bit base's output on x kept from the forward, handed to the recomputation with x as its input, so that
+    the recomputed graph has the forward's shape (what needs a gradient, and so what later operations save). Saves
+    nothing, as bitsandbytes' 4-bit matmul saves nothing through the hooks. Its backward is the base's (grad @ W,
+    as bitsandbytes computes it); checkpointing runs the forward's graph, not this one."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        ctx.layer = layer
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ quant.dense_weight(ctx.layer).to(grad.dtype), None, None
+
+
 class LoraLayer(Wrapper):
     """Wraps a `nn.Linear`, `Conv1D`, bitsandbytes `Linear4bit` or `Linear8bitLt` and adds LoRA adapters to it."""
 
@@ -310,6 +371,23 @@ class LoraLayer(Wrapper):
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
         self.dora_pending.discard(adapter_name)
 
+    def _base_output(self, tag: str, x: torch.Tensor, compute) -> torch.Tensor:
+        """`compute()`, the 4-bit base's product on x; inside `keep_base_outputs_contexts` kept in the checkpointed
+        forward and taken back in its recomputation (`tag` tells a layer's products apart)."""
+        phase = _current_phase()
+        if phase is None or not torch.is_grad_enabled() or not quant.is_4bit(self.base_layer):
+            return compute()
+        key = (id(self), tag)
+        if not phase.recompute:
+            out = compute()
+            phase.kept.setdefault(key, []).append(out.detach())
+            return out
+        queue = phase.kept.get(key)
+        if not queue:
+            return compute()
+        out = queue.pop(0)
+        return _Kept.apply(x, out, self.base_layer) if x.requires_grad else out
+
     def _dora(self, name: str, h: torch.Tensor, factor: float, result: torch.Tensor, dropped: bool
               ) -> torch.Tensor:
         """`result` plus DoRA's term for adapter `name`: (m / n - 1) * W h' + (m / n) * scaling * B A h', with
@@ -332,7 +410,7 @@ class LoraLayer(Wrapper):
                 # the base's product on the dropped input through bitsandbytes' own 4-bit matmul, which keeps the
                 # packed weight for backward (F.linear with the de-quantized W, peft's, keeps that fp32 copy: a
                 # layer's worth of memory per layer); the same numbers in its compute dtype
-                prod = self.base_layer(h)
+                prod = self._base_output("dropped", h, lambda: self.base_layer(h))
                 if bias is not None:
                     prod = prod - bias
             else:  # peft's F.linear with W (a plain fp32 weight goes in as itself; 8-bit: its de-quantized copy,
@@ -364,9 +442,15 @@ class LoraLayer(Wrapper):
         # base whose backward keeps none of it, with no forward hook that could keep it. The base is then called on
         # x's rows as one 2-D matrix, so that its output is the (tokens, out) matrix addmm_ writes into: in place
         # on a view of it instead, autograd copies the whole output in backward (CopySlices), 1.04x slower at 4m.
+        # (Not into an output kept for the recomputation: keep_base_outputs_contexts.)
         in_place = self.fused and not self.merged and not args and not kwargs and quant.keeps_no_output(
             self.base_layer) and not (self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
-        result = self.base_layer(x.reshape(-1, x.shape[-1]) if in_place else x, *args, **kwargs)
+        if args or kwargs or self.merged:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            in_place = in_place and _current_phase() is None
+            x2 = x.reshape(-1, x.shape[-1]) if in_place else x
+            result = self._base_output("base", x2, lambda: self.base_layer(x2))
         if self.merged:
             return result
         in_place = in_place and result._base is None  # a fresh output, not a view (8-bit's in eval mode)
