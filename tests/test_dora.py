@@ -6,6 +6,8 @@ Tolerances as the LoRA parity tests' (tests/tolerance.py: the logits' and gradie
 result each comparison must exclude: the same A and B as plain LoRA (DoRA's rescaling lost), or the base alone.
 """
 
+import os
+
 import peft
 import pytest
 import torch
@@ -334,3 +336,51 @@ def test_norm_follows_adapter_updates_however_made():
         assert_rounding_close(_logits(ours, ids), _logits(theirs, ids), rtol, wrong=_logits(stale, ids),
                               what=f"after an update by {change}")
     assert rel_diff(_logits(ours, ids), first) > 1e-3
+
+
+_ZERO3_NORM = r"""
+import os, sys
+import deepspeed, torch
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+sys.path.insert(0, "tests")
+import scalora
+from conftest import tiny_model
+from test_dora import _randomize
+
+deepspeed.init_distributed(dist_backend="gloo")
+model = scalora.get_peft_model(tiny_model("llama"), scalora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                       use_dora=True))
+_randomize(model)
+layers = {n: m for n, m in model.named_modules() if isinstance(m, scalora.LoraLayer)}
+expected = {n: m.dora_norm("default") for n, m in layers.items()}
+params = [p for p in model.parameters() if p.requires_grad]
+config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(params, lr=0.0), config=config)
+for n, m in layers.items():
+    watched = (m.lora_A["default"].weight, m.lora_B["default"].weight, m.base_layer.weight)
+    assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in watched), n
+    got = m._cached_dora_norm("default")
+    assert torch.equal(got, expected[n]), (n, (got - expected[n]).abs().max())
+    assert all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in watched), n  # partitioned again
+    assert m._cached_dora_norm("default") is got  # the cache keyed by the gathered tensors' identity
+print("checked", len(layers))
+"""
+
+
+@pytest.mark.slow  # DeepSpeed's import and engine in a process of its own
+def test_norm_gathers_zero3_partitioned_weights(tmp_path):
+    """The norm read outside a forward under ZeRO-3 (where DeepSpeed's hooks have not gathered A, B and W, e.g. with
+    its persistence threshold at 0): `_cached_dora_norm` gathers them for the moment and partitions them again,
+    giving the norm of the whole weights, to the bit (the same values, the same operations). One process on gloo:
+    every parameter partitioned, none whole outside a forward."""
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+               WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+    p = subprocess.run([sys.executable, "-c", _ZERO3_NORM], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "checked 14" in p.stdout
