@@ -155,14 +155,12 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("SCALORA_CACHE", Path.home() / ".cache" / "scalora"))
 
 
-def tiny_llama_path(cache_dir: str | None = None) -> str:
-    """Build (once) and return the folder of `builtin:tiny-llama`: a 4-layer Llama pretrained here briefly."""
+def tiny_llama(pretrained: bool = True):
+    """(model, tokenizer) of `builtin:tiny-llama`; `pretrained=False`: its shape and tokenizer with the random
+    initial weights (what a test of shapes and byte counts needs, without the pretraining's half minute)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = cache_root(cache_dir) / "tiny-llama-v3"
-    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
-        return str(path)
     tokenizer = build_tokenizer()
     config = LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
@@ -170,7 +168,17 @@ def tiny_llama_path(cache_dir: str | None = None) -> str:
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    _pretrain(model, tokenizer)
+    if pretrained:
+        _pretrain(model, tokenizer)
+    return model, tokenizer
+
+
+def tiny_llama_path(cache_dir: str | None = None) -> str:
+    """Build (once) and return the folder of `builtin:tiny-llama`: a 4-layer Llama pretrained here briefly."""
+    path = cache_root(cache_dir) / "tiny-llama-v3"
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+        return str(path)
+    model, tokenizer = tiny_llama()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -35,6 +35,19 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def untrained_base(tmp_path_factory):
+    """builtin:tiny-llama's shape and tokenizer with its random initial weights, saved like a checkpoint: for tests of
+    shapes and byte counts, which do not need the `env` fixture's pretraining (~30 s on an AVX2-only CPU)."""
+    from scalora.builtin import tiny_llama
+
+    path = tmp_path_factory.mktemp("untrained") / "tiny-llama"
+    model, tokenizer = tiny_llama(pretrained=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def dist_reference(env):
     """One process training configs/tiny.yaml with the multi-process tests' settings (tests/helpers.py's DIST):
     the run every 2-process run must reproduce (tests/test_dist.py, tests/test_faults.py)."""

@@ -40,11 +40,11 @@ def test_shipped_configs_give_the_published_parameter_counts():
         assert P.model_shape(name).total_params == n, name
 
 
-def _cfg(env, *over):
-    return load_config(None, [f"model.name_or_path={env['base']}", *over])
+def _cfg(base, *over):
+    return load_config(None, [f"model.name_or_path={base}", *over])
 
 
-def test_counts_match_the_loaded_4bit_model(env):
+def test_counts_match_the_loaded_4bit_model(untrained_base):
     """Quantized bytes (packed + constants, with and without double quantization) and LoRA parameters equal what
     bitsandbytes and get_peft_model really allocate."""
     import bitsandbytes as bnb
@@ -52,9 +52,9 @@ def test_counts_match_the_loaded_4bit_model(env):
     from scalora.model import build_model
 
     for dq in (True, False):
-        cfg = _cfg(env, f"quant.double_quant={str(dq).lower()}", "lora.r=8")
+        cfg = _cfg(untrained_base, f"quant.double_quant={str(dq).lower()}", "lora.r=8")
         model, _, _ = build_model(cfg)
-        shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r)
+        shape = P.model_shape(untrained_base, cfg.lora.target_modules, None, cfg.lora.r)
         real_packed = real_constants = 0
         for m in model.modules():
             if isinstance(m, bnb.nn.Linear4bit):
@@ -72,14 +72,14 @@ def test_counts_match_the_loaded_4bit_model(env):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_saved_activations_match_autograd(env, dora):
+def test_saved_activations_match_autograd(untrained_base, dora):
     """The per-layer activation model against the tensors autograd really saves (packed rows, no checkpointing);
     with DoRA, its extra saved outputs counted too (the LoRA model alone would fall short by their size)."""
     from scalora.data import build_datasets, collate
     from scalora.model import build_model
     from scalora.loss import token_loss_sum
 
-    cfg = _cfg(env, "data.packing=true", "data.max_length=256", "model.gradient_checkpointing=false",
+    cfg = _cfg(untrained_base, "data.packing=true", "data.max_length=256", "model.gradient_checkpointing=false",
                f"lora.use_dora={str(dora).lower()}")
     model, tok, _ = build_model(cfg)
     rows = build_datasets(cfg.data, tok, 0).train[:4]
@@ -94,7 +94,7 @@ def test_saved_activations_match_autograd(env, dora):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         token_loss_sum(model, batch)
     saved = sum(storages.values())
-    shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r, use_dora=dora)
+    shape = P.model_shape(untrained_base, cfg.lora.target_modules, None, cfg.lora.r, use_dora=dora)
     T = batch["input_ids"].shape[1]
     st = P.Settings(device="cpu", compute_bytes=4, lora_dropout=cfg.lora.lora_dropout, micro_batch=4, seq_len=T,
                     gradient_checkpointing=False, packed_mask=True, use_dora=dora)
@@ -108,7 +108,7 @@ def test_saved_activations_match_autograd(env, dora):
 
 
 @pytest.mark.parametrize("dora", [pytest.param(False, marks=pytest.mark.slow), True])
-def test_kept_outputs_counted(env, monkeypatch, dora):
+def test_kept_outputs_counted(untrained_base, monkeypatch, dora):
     """model.keep_base_outputs: what the planner adds under checkpointing equals, to the byte, what the LoRA layers
     hold at the end of the forward (every kept output's storage); DoRA with dropout keeps two per layer, so one
     count per layer would fall short by half."""
@@ -126,13 +126,13 @@ def test_kept_outputs_counted(env, monkeypatch, dora):
         return pair
 
     monkeypatch.setattr(lora, "keep_base_outputs_contexts", recording)
-    cfg = _cfg(env, "data.max_length=64", "model.keep_base_outputs=true", f"lora.use_dora={str(dora).lower()}")
+    cfg = _cfg(untrained_base, "data.max_length=64", "model.keep_base_outputs=true", f"lora.use_dora={str(dora).lower()}")
     model, tok, _ = build_model(cfg)
     model.train()
     batch = collate(build_datasets(cfg.data, tok, 0).train[:2], tok.pad_token_id)
     token_loss_sum(model, batch)
     kept = sum(t.untyped_storage().nbytes() for store in stores for queue in store.values() for t in queue)
-    shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r, use_dora=dora)
+    shape = P.model_shape(untrained_base, cfg.lora.target_modules, None, cfg.lora.r, use_dora=dora)
     st = P.Settings(device="cpu", compute_bytes=4, lora_dropout=cfg.lora.lora_dropout, use_dora=dora,
                     keep_base_outputs=True)
     assert len(stores) == shape.n_layers and kept > 0
@@ -182,7 +182,7 @@ def peak_and_prediction(env, runtime):
             run(e, "train", *over)
         summary = json.load(open(os.path.join(out, "summary.json")))
         peak = max(summary["peak_memory_gb_per_rank"]) * 2**30
-        cfg = _cfg(env, *over)
+        cfg = _cfg(env["base"], *over)
         shape = P.model_shape(env["base"], cfg.lora.target_modules, None, cfg.lora.r, use_dora=cfg.lora.use_dora)
         st = P.settings_from_config(cfg, "cpu", runtime["zero" in strategy], shape.hidden)
         predicted = P.estimate(shape, st, strategy, 1 if strategy == "single" else 2).total
