@@ -21,17 +21,21 @@ print(json.dumps({{m: m in sys.modules for m in {mods!r}}}))
 """
 
 
-def _loaded(first: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE.format(first=first, mods=_COMPILE_ONLY)], check=True,
-                         capture_output=True, text=True).stdout
-    return json.loads(out.splitlines()[-1])
+def _loaded(*firsts: str) -> list[dict]:
+    """For each `first` line, in fresh interpreters side by side (imports run on one core each)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE.format(first=first, mods=_COMPILE_ONLY)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for first in firsts]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    return [json.loads(out.splitlines()[-1]) for out, _ in outs]
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch, transformers and bitsandbytes: ~10 s
 def test_importing_the_core_leaves_inductor_unloaded():
-    assert _loaded("") == {m: False for m in _COMPILE_ONLY}
+    core, plain = _loaded("", "import bitsandbytes")
+    assert core == {m: False for m in _COMPILE_ONLY}
     # bitsandbytes imported first, as it is: the compile machinery is loaded (what the test would miss if broken)
-    assert _loaded("import bitsandbytes") == {m: True for m in _COMPILE_ONLY}
+    assert plain == {m: True for m in _COMPILE_ONLY}
 
 
 def test_deferred_compile_compiles_once_on_first_call_with_the_arguments_given():
