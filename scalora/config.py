@@ -302,15 +302,17 @@ def _range_problems(cfg: RunConfig) -> list[str]:
                  "uses 16)")
     if t.max_grad_norm < 0:
         p.append(f"train.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 turns clipping off)")
-    if cfg.model.keep_base_outputs and not cfg.model.gradient_checkpointing:
-        p.append("model.keep_base_outputs=true keeps outputs from being recomputed, and model.gradient_checkpointing="
-                 "false recomputes nothing: drop keep_base_outputs, or set model.gradient_checkpointing=true")
-    if cfg.model.keep_base_outputs and q.bits != 4:
-        p.append(f"model.keep_base_outputs=true keeps 4-bit bases' outputs only (a {q.bits}-bit base's matmul saves "
-                 "its input for backward, so the recomputation must run it): drop it, or set quant.bits=4")
-    if cfg.model.keep_base_outputs and cfg.model.compile:
-        p.append("model.keep_base_outputs=true has no effect on compiled layers (model.compile=true): drop one of the "
-                 "two")
+    if cfg.model.keep_base_outputs:
+        if not cfg.model.gradient_checkpointing:
+            p.append("model.keep_base_outputs=true keeps outputs from being recomputed, and model.gradient_"
+                     "checkpointing=false recomputes nothing: drop keep_base_outputs, or set "
+                     "model.gradient_checkpointing=true")
+        if q.bits != 4:
+            p.append(f"model.keep_base_outputs=true keeps 4-bit bases' outputs only (a {q.bits}-bit base's matmul "
+                     "saves its input for backward, so the recomputation must run it): drop it, or set quant.bits=4")
+        if cfg.model.compile:
+            p.append("model.keep_base_outputs=true has no effect on compiled layers (model.compile=true): drop one of "
+                     "the two")
     if cfg.dist.num_processes < 1:
         p.append(f"dist.num_processes={cfg.dist.num_processes}: must be at least 1")
     if q.bits == 16 and q.storage_dtype not in ("auto",):

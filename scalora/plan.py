@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 GiB = 2**30
@@ -348,9 +348,9 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
             if strategy == "fsdp_offload":
                 cpu["gradients"] = e.parts["gradients"]
                 e.parts["gradients"] = 0.0
-    e.parts["activations"] = activation_bytes(s, st) - loss_bytes(s, st)
-    if shard_weights and st.gradient_checkpointing:  # keep_base_outputs is refused there (scalora/dist.py)
-        e.parts["activations"] -= st.micro_batch * st.seq_len * kept_bytes_per_token(s, st)
+    # keep_base_outputs is refused where the weights are sharded (scalora/dist.py)
+    run = replace(st, keep_base_outputs=False) if shard_weights else st
+    e.parts["activations"] = activation_bytes(s, run) - loss_bytes(s, st)
     e.parts["loss"] = loss_bytes(s, st)
     working = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
     if st.use_dora:  # the norm ||W + s B A||: the largest layer de-quantized, B A and their sum, fp32, for a moment

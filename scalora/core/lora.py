@@ -371,20 +371,20 @@ class LoraLayer(Wrapper):
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
         self.dora_pending.discard(adapter_name)
 
-    def _base_output(self, tag: str, x: torch.Tensor, compute) -> torch.Tensor:
-        """`compute()`, the 4-bit base's product on x; inside `keep_base_outputs_contexts` kept in the checkpointed
-        forward and taken back in its recomputation (`tag` tells a layer's products apart)."""
+    def _base_output(self, tag: str, x: torch.Tensor) -> torch.Tensor:
+        """`base_layer(x)`; for a 4-bit base inside `keep_base_outputs_contexts`, kept in the checkpointed forward and
+        taken back in its recomputation (`tag` tells a layer's products apart)."""
         phase = _current_phase()
         if phase is None or not torch.is_grad_enabled() or not quant.is_4bit(self.base_layer):
-            return compute()
+            return self.base_layer(x)
         key = (id(self), tag)
         if not phase.recompute:
-            out = compute()
+            out = self.base_layer(x)
             phase.kept.setdefault(key, []).append(out.detach())
             return out
         queue = phase.kept.get(key)
         if not queue:
-            return compute()
+            return self.base_layer(x)
         out = queue.pop(0)
         return _Kept.apply(x, out, self.base_layer) if x.requires_grad else out
 
@@ -410,7 +410,7 @@ class LoraLayer(Wrapper):
                 # the base's product on the dropped input through bitsandbytes' own 4-bit matmul, which keeps the
                 # packed weight for backward (F.linear with the de-quantized W, peft's, keeps that fp32 copy: a
                 # layer's worth of memory per layer); the same numbers in its compute dtype
-                prod = self._base_output("dropped", h, lambda: self.base_layer(h))
+                prod = self._base_output("dropped", h)
                 if bias is not None:
                     prod = prod - bias
             else:  # peft's F.linear with W (a plain fp32 weight goes in as itself; 8-bit: its de-quantized copy,
@@ -449,8 +449,7 @@ class LoraLayer(Wrapper):
             result = self.base_layer(x, *args, **kwargs)
         else:
             in_place = in_place and _current_phase() is None
-            x2 = x.reshape(-1, x.shape[-1]) if in_place else x
-            result = self._base_output("base", x2, lambda: self.base_layer(x2))
+            result = self._base_output("base", x.reshape(-1, x.shape[-1]) if in_place else x)
         if self.merged:
             return result
         in_place = in_place and result._base is None  # a fresh output, not a view (8-bit's in eval mode)
