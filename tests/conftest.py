@@ -115,6 +115,18 @@ def randomize_lora(model, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def randomize_dora(model, seed: int = 1) -> None:
+    """lora_A and lora_B random (B non-zero, so that the direction moves), the magnitude its initial norms times
+    1 + 0.2 N(0, 1) (so that it is not the no-op m = n)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+
+
 def copy_lora(src, dst) -> None:
     """Copy LoRA weights between two models whose parameter names agree (scalora <-> peft)."""
     src_params = dict(src.named_parameters())

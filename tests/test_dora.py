@@ -14,7 +14,7 @@ import torch
 
 import scalora
 from scalora.core import quant
-from conftest import assert_lora_parity, copy_lora, load_quantized, tiny_model, tokens
+from conftest import assert_lora_parity, copy_lora, load_quantized, randomize_dora, tiny_model, tokens
 from tolerance import assert_rounding_close, logits_rtol, rel_diff, rounding_rtol
 
 pytestmark = pytest.mark.numerics  # reruns under lower instruction sets: tests/test_isa_levels.py
@@ -22,24 +22,12 @@ pytestmark = pytest.mark.numerics  # reruns under lower instruction sets: tests/
 CFG = dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
 
 
-def _randomize(model, seed: int = 1) -> None:
-    """lora_A and lora_B random (B non-zero, so that the direction moves), the magnitude its initial norms times
-    1 + 0.2 N(0, 1) (so that it is not the no-op m = n)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            elif "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
-
-
 def _pair(make_base, cfg=CFG, randomize=True):
     ours = scalora.get_peft_model(make_base(), scalora.LoraConfig(**cfg))
     theirs = peft.get_peft_model(make_base(), peft.LoraConfig(**cfg))
     quant.keep_4bit_weights_plain(theirs)  # bitsandbytes' plain 4-bit path for both (tests/test_cpu_paths.py)
     if randomize:
-        _randomize(ours)
+        randomize_dora(ours)
         copy_lora(ours, theirs)
     return ours, theirs
 
@@ -199,7 +187,7 @@ def test_merge_as_peft_merges(arch):
     ours, theirs = _pair(make)
     for m in (ours, theirs):
         m.add_adapter("second", (scalora if m is ours else peft).LoraConfig(**{**CFG, "r": 2}))
-    _randomize(ours, seed=3)
+    randomize_dora(ours, seed=3)
     copy_lora(ours, theirs)
     for m in (ours, theirs):
         m.base_model.set_adapter(["default", "second"])
@@ -235,7 +223,7 @@ def test_quantized_merge_dequantized(saved_tiny_models):
     logits to rounding; the streamed GGUF merge uses the same rule (LoraLayer.merged_weight)."""
     path = saved_tiny_models["llama"]
     model = scalora.get_peft_model(load_quantized(path, 4), scalora.LoraConfig(**CFG))
-    _randomize(model)
+    randomize_dora(model)
     adapted = _logits(model)
     merged = model.merge_and_unload(dequantize=True)
     assert not any(quant.is_4bit(m) for m in merged.modules())
@@ -248,7 +236,7 @@ def test_disable_set_and_delete_adapter():
     delete_adapter removes its magnitude too."""
     model = scalora.get_peft_model(tiny_model("llama"), scalora.LoraConfig(**CFG))
     model.add_adapter("other", scalora.LoraConfig(**CFG))
-    _randomize(model)
+    randomize_dora(model)
     with model.disable_adapter():
         torch.testing.assert_close(_logits(model), _logits(tiny_model("llama")), rtol=0, atol=0)
     model.set_adapter("other")
@@ -344,13 +332,12 @@ import deepspeed, torch
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 sys.path.insert(0, "tests")
 import scalora
-from conftest import tiny_model
-from test_dora import _randomize
+from conftest import randomize_dora, tiny_model
 
 deepspeed.init_distributed(dist_backend="gloo")
 model = scalora.get_peft_model(tiny_model("llama"), scalora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                        use_dora=True))
-_randomize(model)
+randomize_dora(model)
 layers = {n: m for n, m in model.named_modules() if isinstance(m, scalora.LoraLayer)}
 expected = {n: m.dora_norm("default") for n, m in layers.items()}
 params = [p for p in model.parameters() if p.requires_grad]

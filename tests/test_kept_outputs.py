@@ -12,7 +12,7 @@ import torch
 import scalora
 from scalora.core import lora
 from scalora.model import enable_checkpointing
-from conftest import load_quantized, randomize_lora, tiny_model, tokens
+from conftest import load_quantized, randomize_dora, tiny_model, tokens
 from tolerance import assert_rounding_close, logits_rtol
 
 CASES = [  # (bits, use_dora, lora_dropout, the orchestrator's levers)
@@ -31,12 +31,7 @@ def _run(make_base, cfg, keep: bool, levers: bool = False):
         lora.use_fast_dropout(model)
         lora.share_dropout_masks(model)
         lora.use_fused_lora(model)
-    randomize_lora(model)
-    if cfg.get("use_dora"):
-        with torch.no_grad():  # the magnitude away from its initial norms, so that its gradient is not trivial
-            for n, p in model.named_parameters():
-                if "lora_magnitude_vector" in n:
-                    p.mul_(1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    randomize_dora(model)
     model.train()
     enable_checkpointing(model, keep_base_outputs=keep)
     calls = []
@@ -68,8 +63,8 @@ def test_kept_outputs_train_as_recomputed(saved_tiny_models, monkeypatch, bits, 
     # what a recomputation handed other values than the forward's would give (here zeros)
     original = lora.LoraLayer._base_output
 
-    def lost(self, tag, x, compute):
-        out = original(self, tag, x, compute)
+    def lost(self, tag, x):
+        out = original(self, tag, x)
         phase = lora._current_phase()
         return out * 0.0 if phase is not None and phase.recompute else out  # (attached as the kept output is)
 

@@ -126,7 +126,8 @@ def test_kept_outputs_counted(untrained_base, monkeypatch, dora):
         return pair
 
     monkeypatch.setattr(lora, "keep_base_outputs_contexts", recording)
-    cfg = _cfg(untrained_base, "data.max_length=64", "model.keep_base_outputs=true", f"lora.use_dora={str(dora).lower()}")
+    cfg = _cfg(untrained_base, "data.max_length=64", "model.keep_base_outputs=true",
+               f"lora.use_dora={str(dora).lower()}")
     model, tok, _ = build_model(cfg)
     model.train()
     batch = collate(build_datasets(cfg.data, tok, 0).train[:2], tok.pad_token_id)
