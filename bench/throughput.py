@@ -479,7 +479,8 @@ def main() -> None:
     ap.add_argument("--worker"), ap.add_argument("--size"), ap.add_argument("--model"), ap.add_argument("--data")
     ap.add_argument("--out")
     ap.add_argument("--lora-dropout", type=float, default=LORA["dropout"], help="LoRA dropout of every stack "
-                    "(DoRA with dropout computes the base's product again on the dropped input, as peft does)")
+                    "(DoRA with dropout needs the base's product on the dropped input: peft's a second dense product, "
+                    "scalora's the base's output less a sparse product)")
     a = ap.parse_args()
     LORA["dropout"] = a.lora_dropout
     if a.worker:

@@ -44,7 +44,7 @@ class ModelConfig:
         "size >= 512, else fp32 (measured: scalora/hardware.py)")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
     keep_base_outputs: bool = _f(False, "4-bit bases with gradient checkpointing: keep each LoRA layer's base "
-                                 "output (DoRA with dropout: its two) from the forward instead of recomputing it in "
+                                 "output from the forward instead of recomputing it in "
                                  "backward; one 4-bit matmul per wrapped layer and micro-batch fewer, for tokens x "
                                  "out_features values per wrapped layer held until backward (`scalora plan` counts "
                                  "them); not under ZeRO-3 or FSDP")

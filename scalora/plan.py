@@ -225,9 +225,10 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     norms: the fp32 input each RMSNorm keeps (x2); attention: rotated q, k and v as SDPA sees them (the kv heads
     repeated to all heads), its output and the contiguous copy that feeds o_proj; MLP: gate, SiLU(gate), up and their
     product; the normalized inputs of q/k/v and gate/up; LoRA: per wrapped layer the dropout output (fp32) and its
-    mask (one for siblings that share it: train.shared_dropout), and the rank-r intermediate. DoRA (each layer on
-    its own, no shared dropout): per wrapped layer also the base's output (compute dtype), which the magnitude's
-    gradient needs (scalora/core/lora.py `_dora`).
+    mask (one for siblings that share it: train.shared_dropout), and the rank-r intermediate. DoRA: per wrapped
+    layer also the base's output (compute dtype), which the magnitude's gradient needs (scalora/core/lora.py
+    `_dora`), and with dropout the dropped positions its sparse product keeps for backward (two int64 per dropped
+    element and one per token, per mask; not on 8-bit bases, which take the dense product).
     """
     e, h, inter = st.compute_bytes, s.hidden, s.intermediate
     norms = 2 * 4 * h
@@ -236,7 +237,7 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     mlp = 4 * inter * e
     r_part = s.lora_layers / s.n_layers * s.lora_r * st.lora_bytes
     lora_in = s.lora_in_features / s.n_layers
-    if st.lora_dropout > 0 and st.shared_dropout and not st.use_dora:  # siblings keep one dropout output and mask
+    if st.lora_dropout > 0 and st.shared_dropout:  # siblings keep one dropout output and mask
         lora_in -= s.lora_shared_in_features / s.n_layers
     if st.lora_dropout > 0:
         lora = lora_in * (st.lora_bytes + 1) + r_part
@@ -250,6 +251,8 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
         # autograd's saved tensors (tests/test_plan.py): 60.4 MB against 73.0 on the builtin model.
         inputs = (2 * h + h + inter) * e
     dora = s.lora_out_features / s.n_layers * e if st.use_dora else 0.0
+    if st.use_dora and st.lora_dropout > 0 and st.bits != 8:
+        dora += lora_in * 16 * st.lora_dropout + 8 * s.lora_layers / s.n_layers
     return norms + attention + normalized + mlp + lora + dora - inputs
 
 
@@ -298,10 +301,11 @@ def loading_bytes(s: Shape, st: Settings, strategy: str, devices: int) -> float:
 
 def kept_bytes_per_token(s: Shape, st: Settings) -> float:
     """model.keep_base_outputs (4-bit bases, with checkpointing): every wrapped layer's base output in the compute
-    dtype, held from the forward to its layer's backward; DoRA with dropout keeps its second product as well."""
+    dtype, held from the forward to its layer's backward (DoRA with dropout too: its product on the dropped input
+    is computed from that output and a sparse product, scalora/core/lora.py `_DroppedProduct`)."""
     if not (st.keep_base_outputs and st.bits == 4):
         return 0.0
-    return s.lora_out_features * st.compute_bytes * (2 if st.use_dora and st.lora_dropout > 0 else 1)
+    return s.lora_out_features * st.compute_bytes
 
 
 def activation_bytes(s: Shape, st: Settings, gradient_checkpointing: Optional[bool] = None) -> float:

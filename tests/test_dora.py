@@ -92,10 +92,10 @@ def test_fp32_parity(arch):
 
 @pytest.mark.parametrize("bits", [16, 4, 8])
 def test_dropout_parity_in_training(saved_tiny_models, bits):
-    """With dropout in training, the base's product is taken again on the dropped input (peft: F.linear with the
-    de-quantized W; scalora: the same, or bitsandbytes' 4-bit matmul, which keeps no de-quantized copy); the same
-    seed gives peft's masks (torch's dropout, drawn once per layer in the same order): logits and gradients to
-    rounding."""
+    """With dropout in training, DoRA needs the base's product on the dropped input (peft: F.linear with the
+    de-quantized W; scalora on plain and 4-bit bases: the base's output on x less a sparse product with the dropped
+    elements, `_DroppedProduct`; on 8-bit, peft's); the same seed gives peft's masks (torch's dropout, drawn once
+    per layer in the same order): logits and gradients to rounding."""
     cfg = {**CFG, "lora_dropout": 0.3}
     path = saved_tiny_models["llama"]
     ours, theirs = _pair(lambda: tiny_model("llama") if bits == 16 else load_quantized(path, bits), cfg)
@@ -115,6 +115,64 @@ def test_dropout_parity_in_training(saved_tiny_models, bits):
     for n, p in ours.named_parameters():
         if p.requires_grad:
             assert_rounding_close(p.grad, grads[n], logits_rtol(tiny_model("llama"), backward=True), what=n)
+
+
+@pytest.mark.parametrize("bits", [4, 16])
+def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkeypatch, bits):
+    """The orchestrator's dropout (FastDropout, one mask for q/k/v and gate/up, lora_A on them as one matmul) with
+    DoRA: W x' as the base's output on x less the sparse product on the dropped elements equals the dense product
+    on the dropped input (the path test_dropout_parity_in_training checks against peft's numbers, forced here),
+    logits and every gradient to rounding; a sparse backward that lost its input gradient lies outside. The 4-bit
+    base runs once per layer and forward, not twice. torch's dropout taken through its noise on ones is torch's
+    dropout to the bit."""
+    from scalora.core import lora
+
+    x = torch.randn(3, 5, 64)
+    torch.manual_seed(2)
+    want = torch.nn.Dropout(0.3)(x)
+    torch.manual_seed(2)
+    h, factor, mask = lora._drop_with_mask(torch.nn.Dropout(0.3), x)
+    assert torch.equal(h, want) and factor == 1.0 and torch.equal(mask.keep, want != 0)
+
+    path = saved_tiny_models["llama"]
+    model = scalora.get_peft_model(tiny_model("llama") if bits == 16 else load_quantized(path, bits),
+                                   scalora.LoraConfig(**{**CFG, "lora_dropout": 0.3}))
+    lora.use_fast_dropout(model)
+    assert lora.share_dropout_masks(model) == 4
+    lora.use_fused_lora(model)
+    randomize_dora(model)
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, scalora.LoraLayer)]
+    calls = []
+    for m in layers:
+        m.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    ids = tokens()
+
+    def run():
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(7)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    logits, grads = run()
+    assert len(calls) == len(layers)
+    with monkeypatch.context() as mp:
+        mp.setattr(lora.LoraLayer, "_sparse_dropped_ok", lambda *a: False)
+        ref_logits, ref_grads = run()
+        assert len(calls) == (2 if bits == 4 else 1) * len(layers)  # (16-bit: F.linear with W)
+    with monkeypatch.context() as mp:
+        mp.setattr(lora._DroppedProduct, "backward", lambda ctx, g: (None,) * 6)
+        _, lost = run()
+    rtol = logits_rtol(tiny_model("llama"))
+    assert_rounding_close(logits, ref_logits, rtol, wrong=_logits(model.eval(), ids), what="sparse dropped logits")
+    grad_rtol = logits_rtol(tiny_model("llama"), backward=True)
+    for n, g in ref_grads.items():
+        assert_rounding_close(grads[n], g, grad_rtol, what=n)
+    # the second decoder layer's sparse products feed every gradient of the first
+    first = [n for n in ref_grads if ".layers.0." in n]
+    assert len(first) == 21 and all(rel_diff(lost[n], ref_grads[n]) > 10 * grad_rtol for n in first)
 
 
 def test_4bit_dora_keeps_no_dequantized_weight_for_backward(saved_tiny_models):

@@ -13,9 +13,10 @@ DoRA (`use_dora=True`, arXiv 2402.09353, as peft computes it) adds a trained mag
 
     y = base(x) + (m / n - 1) * W x' + (m / n) * scaling * B A x',   n = ||W + scaling * B A|| per row, detached,
 
-with x' = dropout(x) (W x' is the base's output without bias when there is no dropout, a second product with the
-de-quantized W otherwise), i.e. the output of m * (W + scaling * B A) / n on x' plus the base's own output minus
-W x'. n is computed once per values of A and B (`_cached_dora_norm`), and the sum arranged to touch the
+with x' = dropout(x) (W x' is the base's output without bias when there is no dropout; with dropout, on plain and
+4-bit bases, that output less the sparse product of W with the elements dropout dropped, `_DroppedProduct`, where
+peft takes a second dense product with the de-quantized W), i.e. the output of m * (W + scaling * B A) / n on x'
+plus the base's own output minus W x'. n is computed once per values of A and B (`_cached_dora_norm`), and the sum arranged to touch the
 (tokens, out) tensors twice (`_dora`). n comes from B.weight @ A.weight directly (peft runs
 lora_B(lora_A(eye(in))), an in x in product, so that FSDP's hooks fire; scalora's FSDP2 unshards the whole decoder
 layer before its forward).
@@ -27,6 +28,7 @@ import contextlib
 import copy
 import math
 import threading
+import warnings
 from typing import Any, Iterable, Optional, Union
 
 import torch
@@ -76,17 +78,23 @@ class FastDropout(nn.Dropout):
     def drop(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """`(x with the dropped elements zeroed, the factor the kept ones take)`: dropout(x) is their product; a LoRA
         layer applies the factor to the r columns of `lora_A`'s output instead of x's."""
+        return self.drop_with_mask(x)[:2]
+
+    def drop_with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float, Optional[torch.Tensor]]:
+        """`drop(x)` and the boolean mask of the elements kept (None where torch's dropout ran: not on CPU, or
+        compiled)."""
         if not self.fast(x):
-            return super().forward(x), 1.0
+            return super().forward(x), 1.0, None
         p = self.p_drawn
         if p == 1.0:
-            return torch.zeros_like(x), 0.0
+            return torch.zeros_like(x), 0.0, torch.zeros_like(x, dtype=torch.bool)
         n = x.numel()
         # int64 draws over the whole range [-2**63, 2**63): each of a draw's four 16-bit halves is uniform on
         # [-2**15, 2**15), independent of the others; kept where at or above the lowest p * 2**16 of them
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None).view(torch.int16)[:n].view(x.shape)
+        keep = bits >= round(p * 2**16) - 2**15
         # `where` keeps only the boolean mask for backward (as torch's dropout does), not a mask in x's dtype
-        return torch.where(bits >= round(p * 2**16) - 2**15, x, 0.0), 1.0 / (1.0 - p)
+        return torch.where(keep, x, 0.0), 1.0 / (1.0 - p), keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, factor = self.drop(x)
@@ -111,6 +119,36 @@ def use_fused_lora(model: nn.Module) -> int:
 def _drop(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """`(dropped x, factor)` with dropout(x) = dropped x * factor: FastDropout leaves the factor to the caller."""
     return dropout.drop(x) if isinstance(dropout, FastDropout) else (dropout(x), 1.0)
+
+
+class _DropMask:
+    """One dropout draw's mask of the elements kept and `ratio`, the dropped input's kept elements over x's; the
+    dropped positions (`_dropped_index`) computed once for every layer that reads this draw."""
+
+    __slots__ = ("keep", "ratio", "_index")
+
+    def __init__(self, keep: torch.Tensor, ratio: float) -> None:
+        self.keep, self.ratio, self._index = keep, ratio, None
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._index is None:
+            self._index = _dropped_index(self.keep)
+        return self._index
+
+
+def _drop_with_mask(dropout: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float, Optional[_DropMask]]:
+    """`(*_drop(dropout, x), its mask or None)`. torch's own `nn.Dropout` on CPU computes x * noise with
+    noise = bernoulli(1 - p) / (1 - p) drawn for x's shape; drawing that noise for a tensor of ones takes the same
+    numbers from the generator, so x * noise is dropout(x) to the bit (its kept elements x's over 1 - p) and
+    noise != 0 its mask."""
+    if isinstance(dropout, FastDropout):
+        h, factor, keep = dropout.drop_with_mask(x)
+        return h, factor, None if keep is None else _DropMask(keep, 1.0)
+    if type(dropout) is nn.Dropout and dropout.training and 0 < dropout.p < 1 and x.device.type == "cpu" \
+            and not torch.compiler.is_compiling():
+        noise = F.dropout(torch.ones_like(x), dropout.p, True)
+        return x * noise, 1.0, _DropMask(noise != 0, 1.0 / (1.0 - dropout.p))
+    return (*_drop(dropout, x), None)
 
 
 def use_fast_dropout(model: nn.Module) -> int:
@@ -149,16 +187,20 @@ class SharedDropout:
         self.used = 0
 
     def __call__(self, dropout: nn.Module, key: torch.Tensor, inp: torch.Tensor, adapter: str, layer: "LoraLayer"
-                 ) -> tuple[torch.Tensor, float, Optional[torch.Tensor]]:
-        """`(*_drop(dropout, inp), layer's lora_A output or None)`, drawn by the first sibling to read `key`."""
+                 ) -> tuple[torch.Tensor, float, Optional[torch.Tensor], Optional[_DropMask]]:
+        """`(*_drop(dropout, inp), layer's lora_A output or None, the draw's mask or None)`, drawn by the first
+        sibling to read `key` (the mask where a sibling's adapter is DoRA, whose product on the dropped input
+        reads it: `LoraLayer._dora`)."""
         if not dropout.training or torch.compiler.is_compiling():
-            return (*_drop(dropout, inp), None)
+            return (*_drop(dropout, inp), None, None)
         # the same input by its memory, not its Python object: hooks (DeepSpeed ZeRO-3's) hand each module a new
         # tensor object for the same data; `self.key` is held, so no other tensor can take its place meanwhile
         same = self.key is not None and (key.data_ptr(), key.shape, key.stride(), key._version) == (
             self.key.data_ptr(), self.key.shape, self.key.stride(), self.key._version)
         if not same or self.adapter != adapter or self.used >= self.size:
-            self.key, self.adapter, self.out, self.a, self.used = key, adapter, _drop(dropout, inp), None, 0
+            dora = any(adapter in m.lora_magnitude_vector for m in self.members)
+            self.key, self.adapter, self.a, self.used = key, adapter, None, 0
+            self.out = _drop_with_mask(dropout, inp) if dora else (*_drop(dropout, inp), None)
             weights = [m.lora_A[adapter].weight if adapter in m.lora_A else None for m in self.members]
             # not under autocast: bf16 matmuls go through oneDNN, which keeps a primitive per shape (and the grouped
             # shapes, new ones, pushed a 30m run's out of its capped cache: 0.94x the padded speed)
@@ -166,12 +208,12 @@ class SharedDropout:
                     m.fused for m in self.members) and all(
                     w is not None and not hasattr(w, "ds_id") and w.dtype == weights[0].dtype for w in weights):
                 self.a = F.linear(self.out[0], torch.cat(weights)).split([w.shape[0] for w in weights], -1)
-        h, factor = self.out
+        h, factor, mask = self.out
         a = self.a[next(i for i, m in enumerate(self.members) if m is layer)] if self.a is not None else None
         self.used += 1
         if self.used >= self.size:
             self.key = self.out = self.a = None
-        return h, factor, a
+        return h, factor, a, mask
 
 
 # Attribute names of LoRA layers in one parent module that read the same input (Llama, Mistral, Qwen, Gemma, ...).
@@ -226,10 +268,11 @@ def _current_phase() -> Optional[_Phase]:
 
 def keep_base_outputs_contexts() -> tuple[_Phase, _Phase]:
     """`context_fn` for non-reentrant `torch.utils.checkpoint` (the orchestrator's `model.keep_base_outputs`): in
-    the checkpointed forward every LoRA layer on a 4-bit base keeps its base's output (the product on the dropped
-    input too, for DoRA with dropout), and the recomputation in backward takes them back instead of multiplying by
-    the base weight again: one 4-bit matmul per wrapped layer and micro-batch fewer (two for DoRA with dropout), for
-    tokens x out_features values per wrapped layer held from the forward until its layer's backward.
+    the checkpointed forward every LoRA layer on a 4-bit base keeps its base's output, and the recomputation in
+    backward takes it back instead of multiplying by the base weight again: one 4-bit matmul per wrapped layer and
+    micro-batch fewer, for tokens x out_features values per wrapped layer held from the forward until its layer's
+    backward. (DoRA with dropout computes its product on the dropped input from that output and a sparse product,
+    `_DroppedProduct`, which the recomputation computes again; where it cannot, that product is kept too.)
 
     Backward runs the forward's graph (the recomputation only refills the tensors it saved): the base's own node
     computes its input gradient, as without this. The recomputation must save what the forward saved, tensor for
@@ -256,6 +299,53 @@ class _Kept(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad @ quant.dense_weight(ctx.layer).to(grad.dtype), None, None
+
+
+def _dropped_index(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a dropout mask `keep` (..., in) dropped: `(flat, crow, cols)`, the positions in x's elements read in
+    row-major order, and the same as a CSR pattern over its (tokens, in) rows (row offsets, columns)."""
+    n_in = keep.shape[-1]
+    flat = (~keep).reshape(-1).nonzero().squeeze(1)  # sorted
+    crow = torch.searchsorted(flat, torch.arange(0, keep.numel() + 1, n_in, device=flat.device))
+    return flat, crow, flat % n_in
+
+
+class _DroppedProduct(torch.autograd.Function):
+    """W d, the product of a layer's base weight W (out, in) with the part of x that dropout dropped (d: x's values
+    where it dropped them, zero elsewhere): a sparse product, the rows of W's transpose summed per token
+    (`embedding_bag`), where x' = dropout(x) at rate p leaves p of the elements to it. DoRA's base product on the
+    dropped input is then W x' = W x - W d with W x the base's output already computed, instead of a second dense
+    product (scalora/core/lora.py `LoraLayer._dora`). Backward: d's gradient (the dropped positions of x) is
+    grad @ W at those positions only (`sampled_addmm`); W is read de-quantized from the layer again there (nothing
+    of W's size is held from forward to backward). Saves the positions through autograd's hooks, so that gradient
+    checkpointing drops them in the forward and its recomputation draws the same mask again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, flat: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor,
+                layer: "LoraLayer", dtype: torch.dtype) -> torch.Tensor:
+        # the weight tensor itself, as bitsandbytes' matmul keeps it: FSDP2 swaps the layer's attribute for a shard
+        # after the forward and fills this tensor again before the layer's backward
+        ctx.layer, ctx.weight, ctx.x_shape, ctx.x_dtype = layer, layer.base_layer.weight, x.shape, x.dtype
+        ctx.save_for_backward(flat, crow, cols)
+        w_t = layer.dense_weight(ctx.weight).t().to(dtype).contiguous()  # (in, out): a row per input feature
+        return F.embedding_bag(cols, w_t, crow, mode="sum", per_sample_weights=torch.take(x, flat).to(dtype),
+                               include_last_offset=True)  # (tokens, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        flat, crow, cols = ctx.saved_tensors
+        n_in = ctx.x_shape[-1]
+        with warnings.catch_warnings():  # torch's notes that its CSR support is in beta
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.shape[0], device=grad.device),
+                                              (crow.shape[0] - 1, n_in), check_invariants=False)
+            # (sampled_addmm has no bf16 CPU kernel: the sampled sums run in fp32)
+            vals = torch.sparse.sampled_addmm(pattern, grad.float(), ctx.layer.dense_weight(ctx.weight),
+                                              beta=0.0).values()
+        gx = torch.zeros(ctx.x_shape.numel(), dtype=ctx.x_dtype, device=grad.device)
+        return gx.index_copy_(0, flat, vals.to(ctx.x_dtype)).view(ctx.x_shape), None, None, None, None, None
 
 
 class LoraLayer(Wrapper):
@@ -328,9 +418,10 @@ class LoraLayer(Wrapper):
             self.active_adapters = [adapter_name]
 
     # --- DoRA -------------------------------------------------------------------------------------------------
-    def dense_weight(self) -> torch.Tensor:
-        """The base weight de-quantized to fp32 as (out, in), whatever the base's layout."""
-        w = quant.dense_weight(self.base_layer)
+    def dense_weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The base weight de-quantized to fp32 as (out, in), whatever the base's layout (`weight`: the base's weight
+        tensor as read earlier, `quant.dense_weight`)."""
+        w = quant.dense_weight(self.base_layer, weight)
         return w.T if self.fan_in_fan_out else w
 
     def dora_norm(self, adapter_name: str, w: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -388,25 +479,48 @@ class LoraLayer(Wrapper):
         out = queue.pop(0)
         return _Kept.apply(x, out, self.base_layer) if x.requires_grad else out
 
-    def _dora(self, name: str, h: torch.Tensor, factor: float, result: torch.Tensor, dropped: bool
+    def _sparse_dropped_ok(self, result: torch.Tensor, h: torch.Tensor) -> bool:
+        """Whether W h' may be computed as W x - W d (`_DroppedProduct`): the base's output is W x + bias to the
+        precision peft's F.linear has (a 4-bit base in its compute dtype, a plain one; not 8-bit, whose int8
+        matmul rounds x), its weight frozen and not sharded (ZeRO-3), in h's dtype or under autocast (where
+        peft's product is in the autocast dtype too), on CPU, not compiled (the positions' count is data)."""
+        base = self.base_layer
+        w = getattr(base, "weight", None)
+        return (quant.is_4bit(base) or (not quant.is_quantized(base) and isinstance(w, torch.Tensor))) \
+            and not w.requires_grad and not hasattr(w, "ds_id") and h.device.type == "cpu" \
+            and (result.dtype == h.dtype or torch.is_autocast_enabled("cpu")) and not torch.compiler.is_compiling()
+
+    def _dora(self, name: str, h: torch.Tensor, factor: float, result: torch.Tensor, dropped: bool,
+              sparse: Optional[tuple[torch.Tensor, _DropMask]] = None, a: Optional[torch.Tensor] = None
               ) -> torch.Tensor:
         """`result` plus DoRA's term for adapter `name`: (m / n - 1) * W h' + (m / n) * scaling * B A h', with
         h' = h * factor the LoRA input after dropout (`factor`: FastDropout's, applied here), W h' read off
         `result` (minus the bias) when there is no dropout. peft's sum, arranged so that the (tokens, out) tensors
         see two elementwise passes (an addcmul and the add of B's product) instead of six: the per-output
         coefficients and `factor` go on the (out,) vector, and scaling * m / n onto B's (out, r) weight, so that
-        B's matmul yields its term already scaled. Rounded differently from peft's order (fp32: ~1e-7 relative)."""
+        B's matmul yields its term already scaled. Rounded differently from peft's order (fp32: ~1e-7 relative).
+
+        With dropout, `sparse` = (x, the dropout's mask) where `result` is still the base's own output on x: W h is
+        then (W x - W d) times the mask's ratio, W x read off `result` and W d the product with the dropped part
+        only (`_DroppedProduct`, p of the elements), instead of a second dense product; backward then runs one
+        dense product with W for both terms (autograd sums `result`'s two gradients before the base's backward)
+        and the sparse one. `a`: lora_A's output on h, where siblings computed theirs as one (`SharedDropout`)."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         # ZeRO-3 gathers a module's parameters only inside its own call: the magnitude and B go in through theirs
         zero3 = hasattr(lora_B.weight, "ds_id")
         scale = self.lora_magnitude_vector[name](self._cached_dora_norm(name))  # m / n, (out,)
         bias = getattr(self.base_layer, "bias", None)
-        a = lora_A(h)  # (..., r)
+        a = lora_A(h) if a is None else a  # (..., r)
         if not dropped:  # result + (m/n - 1) (result - bias) = (m/n) result - (m/n - 1) bias
             new = result * scale if bias is None else torch.addcmul(-(scale - 1) * bias, result, scale)
         else:
             coef = (scale - 1) * factor
-            if quant.is_4bit(self.base_layer) or zero3:
+            if sparse is not None and self._sparse_dropped_ok(result, h):
+                x, mask = sparse
+                d = _DroppedProduct.apply(x, *mask.index(), self, result.dtype)
+                prod = (result if bias is None else result - bias) - d.view(result.shape)
+                coef = coef * mask.ratio
+            elif quant.is_4bit(self.base_layer) or zero3:  # (`result` holds another adapter's sum; ZeRO-3)
                 # the base's product on the dropped input through bitsandbytes' own 4-bit matmul, which keeps the
                 # packed weight for backward (F.linear with the de-quantized W, peft's, keeps that fp32 copy: a
                 # layer's worth of memory per layer); the same numbers in its compute dtype
@@ -458,6 +572,7 @@ class LoraLayer(Wrapper):
         # x goes in the adapter's dtype (as peft casts it), except an fp32 adapter under autocast: its matmuls run in
         # the autocast dtype whatever x is, and the cast would only add two copies (11% of a bf16 step on CPU).
         autocast = torch.is_autocast_enabled(x.device.type)
+        pristine = True  # `result` is still the base's own output (DoRA's sparse dropped product reads it)
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
@@ -479,10 +594,18 @@ class LoraLayer(Wrapper):
                     result = result.view(out_shape)
                 in_place = False
                 dropped = not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0
-                h, factor = _drop(dropout, inp)
-                result = self._dora(name, h, factor, result, dropped)
+                if share is not None:
+                    h, factor, a, mask = share(dropout, x, inp, name, self)
+                else:
+                    h, factor, mask = _drop_with_mask(dropout, inp) if dropped else (inp, 1.0, None)
+                    a = None
+                sparse = (inp, mask) if pristine and mask is not None else None
+                result = self._dora(name, h, factor, result, dropped, sparse, a)
+                pristine = False
                 continue
-            h, factor, a = share(dropout, x, inp, name, self) if share is not None else (*_drop(dropout, inp), None)
+            pristine = False
+            h, factor, a, _ = share(dropout, x, inp, name, self) if share is not None else (
+                *_drop(dropout, inp), None, None)
             if not self.fused:  # peft's order of operations, so peft's numbers to the last bit
                 if factor != 1.0:
                     h = h * factor

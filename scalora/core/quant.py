@@ -9,6 +9,7 @@ import functools
 import logging
 import sys
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -168,9 +169,10 @@ def _int8_scales(layer: nn.Module) -> torch.Tensor:
     return scb if scb is not None else layer.state.SCB
 
 
-def dense_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight in full precision (fp32), in the layer's own layout ((in, out) for Conv1D)."""
-    w = layer.weight
+def dense_weight(layer: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The layer's weight in full precision (fp32), in the layer's own layout ((in, out) for Conv1D); `weight`: the
+    layer's weight tensor as read earlier (FSDP2 swaps the attribute for a shard outside the layer's forward)."""
+    w = layer.weight if weight is None else weight
     if is_4bit(layer):
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
     if is_8bit(layer):
