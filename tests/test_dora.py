@@ -15,7 +15,7 @@ import torch
 import scalora
 from scalora.core import quant
 from conftest import assert_lora_parity, copy_lora, load_quantized, randomize_dora, tiny_model, tokens
-from tolerance import assert_rounding_close, logits_rtol, rel_diff, rounding_rtol
+from tolerance import assert_rounding_close, logits_rtol, operand_rtol, rel_diff, rounding_rtol
 
 pytestmark = pytest.mark.numerics  # reruns under lower instruction sets: tests/test_isa_levels.py
 
@@ -117,6 +117,16 @@ def test_dropout_parity_in_training(saved_tiny_models, bits):
             assert_rounding_close(p.grad, grads[n], logits_rtol(tiny_model("llama"), backward=True), what=n)
 
 
+def _bf16_4bit(path):
+    """The NF4 base as `scalora train` runs it in bf16: bf16 compute and non-quantized weights, under autocast."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
+                                                dtype=torch.bfloat16).eval()
+
+
 @pytest.mark.parametrize("bits", [4, 16])
 def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkeypatch, bits):
     """The orchestrator's dropout (FastDropout, one mask for q/k/v and gate/up, lora_A on them as one matmul) with
@@ -135,8 +145,8 @@ def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkey
     assert torch.equal(h, want) and factor == 1.0 and torch.equal(mask.keep, want != 0)
 
     path = saved_tiny_models["llama"]
-    model = scalora.get_peft_model(tiny_model("llama") if bits == 16 else load_quantized(path, bits),
-                                   scalora.LoraConfig(**{**CFG, "lora_dropout": 0.3}))
+    base = tiny_model("llama") if bits == 16 else load_quantized(path, bits)
+    model = scalora.get_peft_model(base, scalora.LoraConfig(**{**CFG, "lora_dropout": 0.3}))
     lora.use_fast_dropout(model)
     assert lora.share_dropout_masks(model) == 4
     lora.use_fused_lora(model)
@@ -173,6 +183,48 @@ def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkey
     # the second decoder layer's sparse products feed every gradient of the first
     first = [n for n in ref_grads if ".layers.0." in n]
     assert len(first) == 21 and all(rel_diff(lost[n], ref_grads[n]) > 10 * grad_rtol for n in first)
+
+
+def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch):
+    """Under bf16 autocast on a 4-bit base computing in bf16 (`scalora train` in bf16): the sparse product runs in
+    bf16 (embedding_bag) and its input gradient in fp32 (sampled_addmm has no bf16 CPU kernel). One DoRA layer with
+    FastDropout against the dense path: output and input gradient to two bf16 roundings (the base's output and the
+    sparse product's); dropout 0.8, lora_B zero and the magnitude at 10x the norm (m / n - 1 = 9), so that a
+    forward without the sparse product, or a backward without its input gradient, lies outside by 10x."""
+    from scalora.core import lora
+
+    model = scalora.get_peft_model(_bf16_4bit(saved_tiny_models["llama"]),
+                                   scalora.LoraConfig(**{**CFG, "lora_dropout": 0.8}))
+    lora.use_fast_dropout(model)
+    randomize_dora(model)
+    layer = model.base_model.model.model.layers[0].mlp.gate_proj
+    with torch.no_grad():  # B = 0: the output is the base's and DoRA's base term, W x + (m / n - 1) W x'
+        layer.lora_B["default"].weight.zero_()
+        layer.lora_magnitude_vector["default"].weight.copy_(10 * layer.dora_norm("default"))
+    model.train()
+
+    def run():
+        torch.manual_seed(3)
+        x = torch.randn(2, 16, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        return y.detach().float(), x.grad.float()
+
+    y, g = run()
+    with monkeypatch.context() as mp:
+        mp.setattr(lora.LoraLayer, "_sparse_dropped_ok", lambda *a: False)
+        y_ref, g_ref = run()
+    with monkeypatch.context() as mp:
+        mp.setattr(lora._DroppedProduct, "backward", lambda ctx, grad: (None,) * 6)
+        _, g_lost = run()
+    with monkeypatch.context() as mp:
+        apply = lora._DroppedProduct.apply
+        mp.setattr(lora._DroppedProduct, "apply", lambda x, *a: apply(x, *a).detach() * 0)
+        y_lost, _ = run()
+    assert_rounding_close(y, y_ref, operand_rtol(2), wrong=y_lost, what="bf16 output")
+    assert_rounding_close(g, g_ref, operand_rtol(2), wrong=g_lost, what="bf16 input gradient")
 
 
 def test_4bit_dora_keeps_no_dequantized_weight_for_backward(saved_tiny_models):
