@@ -16,8 +16,8 @@ DoRA (`use_dora=True`, arXiv 2402.09353, as peft computes it) adds a trained mag
 with x' = dropout(x) (W x' is the base's output without bias when there is no dropout; with dropout, on plain and
 4-bit bases, that output less the sparse product of W with the elements dropout dropped, `_DroppedProduct`, where
 peft takes a second dense product with the de-quantized W), i.e. the output of m * (W + scaling * B A) / n on x'
-plus the base's own output minus W x'. n is computed once per values of A and B (`_cached_dora_norm`), and the sum arranged to touch the
-(tokens, out) tensors twice (`_dora`). n comes from B.weight @ A.weight directly (peft runs
+plus the base's own output minus W x'. n is computed once per values of A and B (`_cached_dora_norm`), and the sum
+arranged to touch the (tokens, out) tensors twice (`_dora`). n comes from B.weight @ A.weight directly (peft runs
 lora_B(lora_A(eye(in))), an in x in product, so that FSDP's hooks fire; scalora's FSDP2 unshards the whole decoder
 layer before its forward).
 """
