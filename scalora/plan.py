@@ -228,7 +228,8 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     mask (one for siblings that share it: train.shared_dropout), and the rank-r intermediate. DoRA: per wrapped
     layer also the base's output (compute dtype), which the magnitude's gradient needs (scalora/core/lora.py
     `_dora`), and with dropout the dropped positions its sparse product keeps for backward (two int64 per dropped
-    element and one per token, per mask; not on 8-bit bases, which take the dense product).
+    element per mask, and the row offsets, one int64 per token, counted per wrapped layer though siblings share
+    them; not on 8-bit bases, which take the dense product).
     """
     e, h, inter = st.compute_bytes, s.hidden, s.intermediate
     norms = 2 * 4 * h

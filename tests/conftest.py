@@ -94,16 +94,18 @@ def saved_tiny_models(tmp_path_factory):
     return paths
 
 
-def load_quantized(path: str, bits: int, quant_type: str = "nf4", double_quant: bool = True):
+def load_quantized(path: str, bits: int, quant_type: str = "nf4", double_quant: bool = True,
+                   dtype: torch.dtype = torch.float32):
+    """The saved model with its linear layers quantized by bitsandbytes; `dtype`: the non-quantized weights' and the
+    4-bit compute dtype (bf16: the base as `scalora train` runs it in bf16, under autocast)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if bits == 4:
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+                               bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
     else:
         q = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
-                                                dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu", dtype=dtype).eval()
 
 
 def randomize_lora(model, seed: int = 1) -> None:

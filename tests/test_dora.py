@@ -117,16 +117,6 @@ def test_dropout_parity_in_training(saved_tiny_models, bits):
             assert_rounding_close(p.grad, grads[n], logits_rtol(tiny_model("llama"), backward=True), what=n)
 
 
-def _bf16_4bit(path):
-    """The NF4 base as `scalora train` runs it in bf16: bf16 compute and non-quantized weights, under autocast."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
-                                                dtype=torch.bfloat16).eval()
-
-
 @pytest.mark.parametrize("bits", [4, 16])
 def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkeypatch, bits):
     """The orchestrator's dropout (FastDropout, one mask for q/k/v and gate/up, lora_A on them as one matmul) with
@@ -193,7 +183,7 @@ def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch):
     forward without the sparse product, or a backward without its input gradient, lies outside by 10x."""
     from scalora.core import lora
 
-    model = scalora.get_peft_model(_bf16_4bit(saved_tiny_models["llama"]),
+    model = scalora.get_peft_model(load_quantized(saved_tiny_models["llama"], 4, dtype=torch.bfloat16),
                                    scalora.LoraConfig(**{**CFG, "lora_dropout": 0.8}))
     lora.use_fast_dropout(model)
     randomize_dora(model)

@@ -576,6 +576,7 @@ class LoraLayer(Wrapper):
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
+            first, pristine = pristine, False
             if name in self.init_pending or name in self.residual_pending:
                 init = self.init_pending.get(name) or self.residual_pending[name]
                 raise RuntimeError(f"adapter {name!r}: init_lora_weights={init!r} was never computed (the base was "
@@ -599,11 +600,9 @@ class LoraLayer(Wrapper):
                 else:
                     h, factor, mask = _drop_with_mask(dropout, inp) if dropped else (inp, 1.0, None)
                     a = None
-                sparse = (inp, mask) if pristine and mask is not None else None
+                sparse = (inp, mask) if first and mask is not None else None
                 result = self._dora(name, h, factor, result, dropped, sparse, a)
-                pristine = False
                 continue
-            pristine = False
             h, factor, a, _ = share(dropout, x, inp, name, self) if share is not None else (
                 *_drop(dropout, inp), None, None)
             if not self.fused:  # peft's order of operations, so peft's numbers to the last bit
