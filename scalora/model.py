@@ -185,13 +185,13 @@ def prepare_for_training(model, cfg: RunConfig) -> None:
 
 
 def enable_checkpointing(model, keep_base_outputs: bool = False) -> None:
-    """transformers' gradient checkpointing of each decoder layer, non-reentrant; `keep_base_outputs`: the LoRA
-    layers' base outputs kept from the forward for the recomputation (scalora.core.lora.keep_base_outputs_contexts)."""
-    from .core.lora import keep_base_outputs_contexts
+    """transformers' gradient checkpointing of each decoder layer, non-reentrant, its calls marked for the LoRA layers
+    (scalora.core.lora.checkpoint_contexts); `keep_base_outputs`: the LoRA layers' base outputs kept from the forward
+    for the recomputation (scalora.core.lora.keep_base_outputs_contexts)."""
+    from .core.lora import checkpoint_contexts, keep_base_outputs_contexts
 
-    kwargs: dict[str, Any] = {"use_reentrant": False}
-    if keep_base_outputs:
-        kwargs["context_fn"] = keep_base_outputs_contexts
+    kwargs: dict[str, Any] = {"use_reentrant": False,
+                              "context_fn": keep_base_outputs_contexts if keep_base_outputs else checkpoint_contexts}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

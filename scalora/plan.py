@@ -62,6 +62,7 @@ class Shape:
     lora_in_features: int = 0     # sum over wrapped layers of in_features (their saved inputs)
     lora_shared_in_features: int = 0  # of those, inputs a sibling shares (train.shared_dropout: q/k/v, gate/up)
     lora_out_features: int = 0    # sum over wrapped layers of out_features (DoRA: magnitudes, saved outputs)
+    lora_numel: int = 0           # sum over wrapped layers of their weights' numel (DoRA: W's transposes)
     lora_r: int = 0
     use_dora: bool = False        # lora_params then include the magnitudes
 
@@ -175,6 +176,7 @@ def model_shape(name_or_path: str, target_modules: Any = "all-linear", exclude_m
                     module.out_features if use_dora else 0)  # DoRA: one magnitude per output
                 shape.lora_in_features += module.in_features
                 shape.lora_out_features += module.out_features
+                shape.lora_numel += n
                 parent, _, attr = name.rpartition(".")
                 group = next((g for g in SAME_INPUT if attr in g), None)
                 if group is not None and any(T.is_target(f"{parent}.{a}", lcfg, wanted) and
@@ -255,6 +257,16 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     if st.use_dora and st.lora_dropout > 0 and st.bits != 8:
         dora += lora_in * 16 * st.lora_dropout + 8 * s.lora_layers / s.n_layers
     return norms + attention + normalized + mlp + lora + dora - inputs
+
+
+def recomputed_weight_bytes(s: Shape, st: Settings) -> float:
+    """DoRA with dropout on CPU under checkpointing: the de-quantized transposes of one decoder layer's wrapped
+    weights (compute dtype), which its recomputation hands to its backward (scalora/core/lora.py `_DroppedProduct`;
+    not on 8-bit bases, which take the dense product, nor under ZeRO-3, whose sharded weights take it too)."""
+    if not (st.use_dora and st.lora_dropout > 0 and st.bits != 8 and st.device == "cpu"
+            and st.gradient_checkpointing):
+        return 0.0
+    return s.lora_numel / s.n_layers * st.compute_bytes
 
 
 def logits_bytes_per_token(s: Shape, st: Settings) -> float:
@@ -360,6 +372,8 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
     working = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
     if st.use_dora:  # the norm ||W + s B A||: the largest layer de-quantized, B A and their sum, fp32, for a moment
         working = max(working, 3 * s.largest_quantized * 4)
+    if not strategy.startswith("zero3"):
+        working += recomputed_weight_bytes(s, run)
     if shard_weights and n > 1:  # the gathered decoder layers: the one computing and the one prefetched
         per_layer = (shardable - s.dense_params * st.compute_bytes) / s.n_layers
         working += 2 * per_layer + 2 * s.lora_params / s.n_layers * st.lora_bytes

@@ -117,15 +117,25 @@ def test_dropout_parity_in_training(saved_tiny_models, bits):
             assert_rounding_close(p.grad, grads[n], logits_rtol(tiny_model("llama"), backward=True), what=n)
 
 
+def _without_sparse_input_gradient(mp, lora):
+    """`_DroppedProduct`'s backward with its sparse term's gradient taken away (the dense one, where it computes the
+    base's output, kept): sampled_addmm's result is its pattern, all zeros."""
+    mp.setattr(torch.sparse, "sampled_addmm", lambda pattern, *a, **k: pattern)
+
+
+@pytest.mark.parametrize("deferred", [True, False], ids=["with-base", "after-base"])
 @pytest.mark.parametrize("bits", [4, 16])
-def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkeypatch, bits):
+def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkeypatch, bits, deferred):
     """The orchestrator's dropout (FastDropout, one mask for q/k/v and gate/up, lora_A on them as one matmul) with
     DoRA: W x' as the base's output on x less the sparse product on the dropped elements equals the dense product
     on the dropped input (the path test_dropout_parity_in_training checks against peft's numbers, forced here),
-    logits and every gradient to rounding; a sparse backward that lost its input gradient lies outside. The 4-bit
-    base runs once per layer and forward, not twice. torch's dropout taken through its noise on ones is torch's
-    dropout to the bit."""
+    logits and every gradient to rounding; a sparse backward that lost its input gradient lies outside. With-base:
+    the base's output computed by `_DroppedProduct` from the W it de-quantizes (the base layer's own forward never
+    runs; inside checkpointing, as the orchestrator runs it, W's transpose goes from the recomputation to the
+    backward); after-base: the base's own output, then the sparse product. The 4-bit base runs once per layer and
+    forward there, not twice. torch's dropout taken through its noise on ones is torch's dropout to the bit."""
     from scalora.core import lora
+    from scalora.model import enable_checkpointing
 
     x = torch.randn(3, 5, 64)
     torch.manual_seed(2)
@@ -141,11 +151,15 @@ def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkey
     assert lora.share_dropout_masks(model) == 4
     lora.use_fused_lora(model)
     randomize_dora(model)
+    if deferred:
+        enable_checkpointing(model)
     model.train()
     layers = [m for m in model.modules() if isinstance(m, scalora.LoraLayer)]
     calls = []
-    for m in layers:
-        m.base_layer.register_forward_hook(lambda *a: calls.append(1))
+    for m in layers:  # counted without a hook (a hooked base computes its own output)
+        m.base_layer.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(m.base_layer.forward)
+    if not deferred:
+        monkeypatch.setattr(lora.LoraLayer, "_base_deferred", lambda *a: False)
     ids = tokens()
 
     def run():
@@ -157,13 +171,14 @@ def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkey
         return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     logits, grads = run()
-    assert len(calls) == len(layers)
+    assert len(calls) == (0 if deferred else len(layers))
     with monkeypatch.context() as mp:
         mp.setattr(lora.LoraLayer, "_sparse_dropped_ok", lambda *a: False)
         ref_logits, ref_grads = run()
-        assert len(calls) == (2 if bits == 4 else 1) * len(layers)  # (16-bit: F.linear with W)
+        # (16-bit: F.linear with W; checkpointing runs every forward twice)
+        assert len(calls) == (2 if bits == 4 else 1) * (2 if deferred else 1) * len(layers)
     with monkeypatch.context() as mp:
-        mp.setattr(lora._DroppedProduct, "backward", lambda ctx, g: (None,) * 6)
+        _without_sparse_input_gradient(mp, lora)
         _, lost = run()
     rtol = logits_rtol(tiny_model("llama"))
     assert_rounding_close(logits, ref_logits, rtol, wrong=_logits(model.eval(), ids), what="sparse dropped logits")
@@ -207,7 +222,7 @@ def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch):
         mp.setattr(lora.LoraLayer, "_sparse_dropped_ok", lambda *a: False)
         y_ref, g_ref = run()
     with monkeypatch.context() as mp:
-        mp.setattr(lora._DroppedProduct, "backward", lambda ctx, grad: (None,) * 6)
+        _without_sparse_input_gradient(mp, lora)
         _, g_lost = run()
     with monkeypatch.context() as mp:
         apply = lora._DroppedProduct.apply

@@ -141,6 +141,39 @@ def test_kept_outputs_counted(untrained_base, monkeypatch, dora):
     assert kept == batch["input_ids"].numel() * shape.lora_out_features * 4  # 2x: a second product kept
 
 
+
+def test_recomputed_weights_counted(untrained_base, monkeypatch):
+    """DoRA with dropout under checkpointing: the de-quantized transposes that a decoder layer's recomputation hands
+    to its backward (`_DroppedProduct`), recorded per recomputation, add up to what the planner counts, to the
+    byte (every product inside a checkpointed call); without checkpointing the planner counts none."""
+    from scalora.core import lora
+    from scalora.data import build_datasets, collate
+    from scalora.loss import token_loss_sum
+    from scalora.model import build_model
+
+    made: dict[tuple[int, bool], int] = {}
+    transposed = lora._transposed
+
+    def recording(w, dtype):
+        out = transposed(w, dtype)
+        phase = lora._current_phase()
+        key = (None if phase is None else id(phase), phase is not None and phase.recompute)
+        made[key] = made.get(key, 0) + out.untyped_storage().nbytes()
+        return out
+
+    monkeypatch.setattr(lora, "_transposed", recording)
+    cfg = _cfg(untrained_base, "data.max_length=64", "lora.use_dora=true", "lora.lora_dropout=0.1")
+    model, tok, _ = build_model(cfg)
+    model.train()
+    batch = collate(build_datasets(cfg.data, tok, 0).train[:2], tok.pad_token_id)
+    token_loss_sum(model, batch).backward()
+    shape = P.model_shape(untrained_base, cfg.lora.target_modules, None, cfg.lora.r, use_dora=True)
+    st = P.Settings(device="cpu", compute_bytes=4, lora_dropout=0.1, use_dora=True)
+    recomputed = [n for (_, again), n in made.items() if again]
+    assert len(recomputed) == shape.n_layers and all(phase is not None for phase, _ in made)
+    assert max(recomputed) == P.recomputed_weight_bytes(shape, st) > 0
+    assert P.recomputed_weight_bytes(shape, P.Settings(**{**st.__dict__, "gradient_checkpointing": False})) == 0
+
 RUN = ["train.max_steps=1", "log.report_to=none", "data.packing=true", "train.global_batch_size=8",
        "data.max_eval_generate=0", "train.eval_every=0", "data.validation_fraction=0.02", "train.save_every=0"]
 CASES = [  # (strategy, launch file, gradient checkpointing, micro-batch, max_length)

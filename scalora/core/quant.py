@@ -174,7 +174,9 @@ def dense_weight(layer: nn.Module, weight: Optional[torch.Tensor] = None) -> tor
     layer's weight tensor as read earlier (FSDP2 swaps the attribute for a shard outside the layer's forward)."""
     w = layer.weight if weight is None else weight
     if is_4bit(layer):
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+        # FSDP's unsharded parameter is a plain one without it: the module's (bitsandbytes' forward restores it so)
+        state = getattr(w, "quant_state", None)
+        return bnb.functional.dequantize_4bit(w.data, layer.quant_state if state is None else state).float()
     if is_8bit(layer):
         return bnb.functional.int8_vectorwise_dequant(w.data, _int8_scales(layer)).float()
     return w.data.float()
