@@ -210,6 +210,43 @@ def test_fast_dropout_keeps_torch_dropout_distribution():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_fast_dropout_positions_are_a_bernoulli_draw():
+    """FastDropout.drop_at_positions (DoRA's masks): the dropped positions are the mask's, in increasing order, and
+    the drop a Bernoulli(p) one element by element: the rate p overall and in the last 1% (a draw that stops short
+    leaves the tail kept), gaps of 1 between dropped elements with probability p and a mean gap of 1 / p (gaps
+    off by one fail both), the kept elements scaled by 1 / (1 - p); the same positions when gradient
+    checkpointing recomputes."""
+    from torch.utils.checkpoint import checkpoint
+
+    from scalora.core.lora import FastDropout
+
+    torch.manual_seed(0)
+    x = torch.randn(1 << 21) + 3
+    for p in (0.05, 0.5, 0.9):
+        drop = FastDropout(p).train()
+        h, factor, keep, flat = drop.drop_at_positions(x)
+        assert torch.equal(flat, (~keep).nonzero().squeeze(1)) and torch.equal(h != 0, keep)
+        assert factor == 1 / (1 - drop.p_drawn) and torch.equal(h[keep], x[keep])
+        n, tail = x.numel(), x.numel() // 100
+        assert abs(flat.numel() / n - p) < 5 * (p * (1 - p) / n) ** 0.5, p
+        assert abs((~keep[-tail:]).float().mean().item() - p) < 5 * (p * (1 - p) / tail) ** 0.5, p
+        gaps = flat.diff()
+        assert abs((gaps == 1).float().mean().item() - p) < 5 * (p * (1 - p) / gaps.numel()) ** 0.5, p
+        assert abs(gaps.float().mean().item() - 1 / p) < 5 * ((1 - p) / p**2 / gaps.numel()) ** 0.5, p
+    h, factor, keep, flat = FastDropout(1.0).train().drop_at_positions(x)
+    assert torch.equal(h, torch.zeros_like(x)) and not keep.any() and flat.numel() == x.numel()
+    w = torch.randn(64, 16, requires_grad=True)
+    drop = FastDropout(0.2).train()
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(1)
+        w.grad = None
+        f = (lambda t: (drop.drop_at_positions(t)[0] @ w).square().sum())
+        (checkpoint(f, torch.randn(8, 64), use_reentrant=False) if use_checkpoint else f(torch.randn(8, 64))
+         ).backward()
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
 @pytest.mark.parametrize("base", ["fp32", "nf4", "int8"])
 @pytest.mark.numerics
 def test_fused_lora_gives_peft_order_numbers(base, saved_tiny_models, monkeypatch):
