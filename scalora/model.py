@@ -181,17 +181,20 @@ def prepare_for_training(model, cfg: RunConfig) -> None:
     freeze_with_fp32_norms(model)
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
-        enable_checkpointing(model, cfg.model.keep_base_outputs)
+        enable_checkpointing(model, cfg.model.keep_base_outputs, marked=not cfg.model.compile)
 
 
-def enable_checkpointing(model, keep_base_outputs: bool = False) -> None:
+def enable_checkpointing(model, keep_base_outputs: bool = False, marked: bool = True) -> None:
     """transformers' gradient checkpointing of each decoder layer, non-reentrant, its calls marked for the LoRA layers
-    (scalora.core.lora.checkpoint_contexts); `keep_base_outputs`: the LoRA layers' base outputs kept from the forward
-    for the recomputation (scalora.core.lora.keep_base_outputs_contexts)."""
+    (`marked`: scalora.core.lora.checkpoint_contexts; not for compiled layers, where torch.compile takes only
+    dispatch modes as contexts and the LoRA layers read none); `keep_base_outputs`: the LoRA layers' base outputs
+    kept from the forward for the recomputation (scalora.core.lora.keep_base_outputs_contexts; refused with
+    model.compile)."""
     from .core.lora import checkpoint_contexts, keep_base_outputs_contexts
 
-    kwargs: dict[str, Any] = {"use_reentrant": False,
-                              "context_fn": keep_base_outputs_contexts if keep_base_outputs else checkpoint_contexts}
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if keep_base_outputs or marked:
+        kwargs["context_fn"] = keep_base_outputs_contexts if keep_base_outputs else checkpoint_contexts
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
