@@ -190,13 +190,19 @@ def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkey
     assert len(first) == 21 and all(rel_diff(lost[n], ref_grads[n]) > 10 * grad_rtol for n in first)
 
 
-def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch):
+@pytest.mark.parametrize("deferred", [True, False], ids=["with-base", "after-base"])
+def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch, deferred):
     """Under bf16 autocast on a 4-bit base computing in bf16 (`scalora train` in bf16): the sparse product runs in
     bf16 (embedding_bag) and its input gradient in fp32 (sampled_addmm has no bf16 CPU kernel). One DoRA layer with
     FastDropout against the dense path: output and input gradient to two bf16 roundings (the base's output and the
     sparse product's); dropout 0.8, lora_B zero and the magnitude at 10x the norm (m / n - 1 = 9), so that a
-    forward without the sparse product, or a backward without its input gradient, lies outside by 10x."""
+    forward without the sparse product, or a backward without its input gradient, lies outside by 10x. With-base:
+    the base's output computed by `_DroppedProduct` too (its bf16 product from the same W); after-base: the
+    base's own, then the sparse product."""
     from scalora.core import lora
+
+    if not deferred:
+        monkeypatch.setattr(lora.LoraLayer, "_base_deferred", lambda *a: False)
 
     model = scalora.get_peft_model(load_quantized(saved_tiny_models["llama"], 4, dtype=torch.bfloat16),
                                    scalora.LoraConfig(**{**CFG, "lora_dropout": 0.8}))
@@ -208,6 +214,9 @@ def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch):
         layer.lora_magnitude_vector["default"].weight.copy_(10 * layer.dora_norm("default"))
     model.train()
 
+    calls = []  # counted without a hook (a hooked base computes its own output)
+    layer.base_layer.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(layer.base_layer.forward)
+
     def run():
         torch.manual_seed(3)
         x = torch.randn(2, 16, layer.in_features, dtype=torch.bfloat16, requires_grad=True)
@@ -218,15 +227,17 @@ def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch):
         return y.detach().float(), x.grad.float()
 
     y, g = run()
+    assert len(calls) == (0 if deferred else 1)
     with monkeypatch.context() as mp:
         mp.setattr(lora.LoraLayer, "_sparse_dropped_ok", lambda *a: False)
         y_ref, g_ref = run()
     with monkeypatch.context() as mp:
         _without_sparse_input_gradient(mp, lora)
         _, g_lost = run()
-    with monkeypatch.context() as mp:
+    with monkeypatch.context() as mp:  # W d left out: W x - W d as W x, or W d as zero
         apply = lora._DroppedProduct.apply
-        mp.setattr(lora._DroppedProduct, "apply", lambda x, *a: apply(x, *a).detach() * 0)
+        mp.setattr(lora._DroppedProduct, "apply", lambda x, *a: (lambda r: (r[0], r[0].detach()) if isinstance(
+            r, tuple) else r.detach() * 0)(apply(x, *a)))
         y_lost, _ = run()
     assert_rounding_close(y, y_ref, operand_rtol(2), wrong=y_lost, what="bf16 output")
     assert_rounding_close(g, g_ref, operand_rtol(2), wrong=g_lost, what="bf16 input gradient")

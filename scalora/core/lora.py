@@ -580,8 +580,9 @@ class LoraLayer(Wrapper):
         """Whether the base's output on x is left to the DoRA adapter's `_DroppedProduct` (with `base`), which
         computes it from the W it de-quantizes for its sparse product: the one active adapter is DoRA with dropout
         drawn on CPU, the base an `nn.Linear`, `Conv1D` or 4-bit layer (their output W x + bias, the 4-bit one's
-        in x's dtype as its compute dtype) that `_sparse_dropped_ok` admits, called with no hooks, not under
-        autocast, x in the adapter's dtype, and its output not kept for a recomputation (keep_base_outputs)."""
+        in x's dtype as its compute dtype) that `_sparse_dropped_ok` admits, called with no hooks, x in the
+        adapter's dtype or, under autocast, in the autocast dtype (the products then in it, as the base's own), and
+        its output not kept for a recomputation (keep_base_outputs)."""
         names = [n for n in self.active_adapters if n in self.lora_A]
         if len(names) != 1 or names[0] not in self.lora_magnitude_vector or names[0] in self.dora_pending:
             return False
@@ -592,8 +593,9 @@ class LoraLayer(Wrapper):
         if not (type(base) is nn.Linear or quant.is_conv1d(base) or quant.is_4bit(base)):
             return False
         compute = getattr(base, "compute_dtype", None) or x.dtype if quant.is_4bit(base) else base.weight.dtype
-        return compute == x.dtype == self.lora_A[names[0]].weight.dtype and x.device.type == "cpu" \
-            and not torch.is_autocast_enabled("cpu") and _keeping_phase() is None and not (
+        wanted = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else \
+            self.lora_A[names[0]].weight.dtype
+        return compute == x.dtype == wanted and x.device.type == "cpu" and _keeping_phase() is None and not (
                 base._forward_hooks or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
                 or nn.modules.module._global_forward_pre_hooks) and self._sparse_dropped_ok(x, x)
 
