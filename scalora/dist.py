@@ -65,11 +65,34 @@ def make_accelerator(global_batch: int, micro_batch: int, mixed_precision: str, 
         return Accelerator(**kwargs)
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        skip_inference_shm_op()
         return Accelerator(cpu=False, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")], **kwargs)
     accelerator = Accelerator(cpu=True, **kwargs)
     if _env_flag("ACCELERATE_USE_FSDP"):
         _fsdp_on_cpu()
     return accelerator
+
+
+SHM_OP = "deepspeed_shm_comm"
+
+
+def skip_inference_shm_op() -> bool:
+    """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op (`deepspeed_shm_comm`, C++ built by
+    ninja when the backend starts), which serves `inference_all_reduce` only (tensor-parallel inference): ZeRO's
+    training collectives go through torch.distributed. The build took 33-54 s per new virtual environment on the
+    AVX2 kind (ninja's log; it builds again whenever the include paths change: every fresh clone). Marked
+    incompatible in DeepSpeed's table of ops, which its backend reads before building (`build_shm_op`); returns
+    whether it was, False where this DeepSpeed has no such table or op (left as it is)."""
+    try:
+        import deepspeed.ops
+
+        ops = deepspeed.ops.__compatible_ops__
+    except Exception:  # another DeepSpeed's layout: its backend then does what it does
+        return False
+    if not isinstance(ops, dict) or SHM_OP not in ops:
+        return False
+    ops[SHM_OP] = False
+    return True
 
 
 def init_restarted_process_group() -> bool:

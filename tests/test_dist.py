@@ -77,6 +77,22 @@ def test_same_losses_and_adapter_as_one_process(distributed, reference, env):
     assert_runs_agree(env, out, reference)
 
 
+
+def test_deepspeed_builds_no_inference_op(distributed_run):
+    """DeepSpeed's CPU backend compiles its shared-memory all-reduce op (tensor-parallel inference only) when it
+    starts, 33-54 s per new virtual environment; scalora marks it incompatible before the engine starts
+    (`dist.skip_inference_shm_op`): the ZeRO runs print no build of it (DeepSpeed prints one when it builds), and
+    DeepSpeed's own builder function returns nothing once marked."""
+    import importlib
+
+    from scalora import dist
+
+    for name in ("zero2", "zero3"):
+        _, stdout = distributed_run(name)
+        assert "scalora:" in stdout and dist.SHM_OP not in stdout and "built successfully" not in stdout, name
+    assert dist.skip_inference_shm_op()
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
+
 def test_optimizer_state_is_sharded(distributed, reference):
     """ZeRO-2/3 and FSDP: each rank holds 1/2 of the adapter's AdamW state; DDP holds all of it on each rank."""
     name, out, _ = distributed
