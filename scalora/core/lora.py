@@ -102,8 +102,8 @@ class FastDropout(nn.Dropout):
         dropout ran), for DoRA's sparse product (`_DroppedProduct`), drawn as positions: the gaps between dropped
         elements of a Bernoulli(p) sequence are geometric, floor(log(1 - u) / log(1 - p)) for uniform u, so about
         p * numel uniform draws give them all (then the mask is ones with those positions cleared) instead of a
-        draw per element and a search for the dropped ones in the mask (measured per mask on the AVX2 kind: 1.1 ms
-        against 1.9-2.7 ms for 948 x 512, 2.2 against 5.5-6.3 ms for 948 x 1376). Each element is dropped
+        draw per element and a search for the dropped ones in the mask (measured per mask with its positions on the
+        AVX2 kind: 1.2 against 2.6 ms for 948 x 512, 1.8 against 5.0 ms for 948 x 1376). Each element is dropped
         independently with probability p_drawn, as `drop_with_mask`'s, from other draws of the same generator
         (gradient checkpointing's recomputation draws the same positions)."""
         if not self.fast(x):
@@ -613,8 +613,8 @@ class LoraLayer(Wrapper):
         then (W x - W d) times the mask's ratio, W x read off `result` and W d the product with the dropped part
         only (`_DroppedProduct`, p of the elements), instead of a second dense product; backward then runs one
         dense product with W for both terms (autograd sums `result`'s two gradients before the base's backward)
-        and the sparse one. `d`: that sparse product where it was computed with the base's output
-        (`_DroppedProduct` with `base`). `a`: lora_A's output on h, where siblings computed theirs as one
+        and the sparse one. `d`: W x - W d itself where `_DroppedProduct` computed it with the base's output
+        (`base`), `result` then that output. `a`: lora_A's output on h, where siblings computed theirs as one
         (`SharedDropout`)."""
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         # ZeRO-3 gathers a module's parameters only inside its own call: the magnitude and B go in through theirs
