@@ -459,7 +459,9 @@ from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 sys.path.insert(0, "tests")
 import scalora
 from conftest import randomize_dora, tiny_model
+from scalora.dist import skip_inference_shm_op
 
+skip_inference_shm_op()  # as scalora's engine start does (no inference op compiled)
 deepspeed.init_distributed(dist_backend="gloo")
 model = scalora.get_peft_model(tiny_model("llama"), scalora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                        use_dora=True))
