@@ -273,8 +273,8 @@ def test_bf16_compute_under_sharding(env, reference_bf16, name):
 
 @pytest.fixture(scope="module")
 def layered_base(env, tmp_path_factory):
-    """A base whose decoder layers hold nearly all its weights (16 layers of width 512, the builtin tokenizer's
-    small vocabulary): 52M parameters saved in fp32 (0.2 GB), quantized to 4-bit while loading."""
+    """A base whose decoder layers hold nearly all its weights (8 layers of width 512, the builtin tokenizer's
+    small vocabulary): 26M parameters saved in fp32 (0.1 GB), quantized to 4-bit while loading."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from scalora.builtin import build_tokenizer
@@ -282,7 +282,7 @@ def layered_base(env, tmp_path_factory):
     path = tmp_path_factory.mktemp("layered") / "base"
     tok = build_tokenizer()
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=16, num_attention_heads=8,
+    LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                                  num_key_value_heads=4, vocab_size=len(tok), max_position_embeddings=256,
                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                  pad_token_id=tok.pad_token_id)).save_pretrained(path)
@@ -295,9 +295,10 @@ def test_each_rank_loads_a_fraction_of_the_base(env, layered_base):
     loading, less what it held before) is under half that of a single process loading the whole base with
     from_pretrained (dist.low_memory_loading=false; by default one process on a CPU loads layer by layer too, which
     tests/test_loading.py checks). That process holds the whole packed base and the checkpoint pages it quantized
-    from; each of 2 ranks holds half of the packed layers, one layer being quantized, the embeddings and head (measured, avx512_bf16: 0.25x under FSDP, 0.24x under ZeRO-3; the
-    path that loads the whole base on every rank measured 1.0-1.1x, bench/loading.py). Same first loss as the
-    single process: the same model."""
+    from; each of 2 ranks holds half of the packed layers, one layer being quantized, the embeddings and head
+    (measured [avx2] on this 8-layer base: 0.39-0.40x under FSDP and ZeRO-3; 0.24-0.26x on 16 layers, on
+    avx512_bf16 and avx2; the path that loads the whole base on every rank measured 1.0-1.1x, bench/loading.py). Same
+    first loss as the single process: the same model."""
     topics = os.path.join(os.path.dirname(scalora.__file__), "assets", "topics", "train.jsonl")
     args = ["configs/tiny.yaml", f"model.name_or_path={layered_base}", "model.dtype=float32", "train.max_steps=1",
             "train.global_batch_size=4", "train.micro_batch_size=2", "data.max_length=64", "train.save_every=0",
@@ -308,7 +309,8 @@ def test_each_rank_loads_a_fraction_of_the_base(env, layered_base):
     run(e, "train", *args, f"train.output_dir={out}", "dist.low_memory_loading=false")
     single = json.loads((out / "summary.json").read_text())
     whole = single["loading_model_memory_gb_per_rank"][0]
-    assert whole > 0.15  # the packed base and the fp32 checkpoint it came from (0.2 GB) are in there
+    checkpoint_gb = os.path.getsize(os.path.join(layered_base, "model.safetensors")) / 2**30
+    assert whole > 0.75 * checkpoint_gb  # the packed base and the fp32 checkpoint it came from are in there
     for name in ("fsdp", "zero3"):
         out = env["root"] / f"layered-{name}"
         launch(e, TOPOLOGIES[name], *args, f"train.output_dir={out}")
