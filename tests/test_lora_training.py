@@ -99,7 +99,9 @@ def _steps(compiled: bool, steps: int = 4):
     held_out = collate(examples[steps * 8:(steps + 1) * 8], tok.pad_token_id)
 
     def evaluate():  # at the real tokens (padding's outputs depend on the attention implementation, and compiled
-        with torch.no_grad():  # runs pick another)
+        # runs pick another); the layers eager, as scalora's validation runs them (scalora/evaluate.py): what is
+        # compared is the trained weights, and compiling inference graphs too took two more compiles (~9 s, [avx2])
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             logits = model(input_ids=held_out["input_ids"], attention_mask=held_out["attention_mask"]).logits
         return logits[held_out["attention_mask"].view(held_out["input_ids"].shape) != 0]
 
