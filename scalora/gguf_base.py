@@ -16,6 +16,7 @@ The conversion holds the de-quantized model once in fp32: 4 bytes a parameter of
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -109,6 +110,34 @@ def _unquantized(config):
     return config
 
 
+@contextmanager
+def _parsed_once():
+    """While converting: each GGUF file parsed once, and gguf's tensor-name map built once per architecture.
+    transformers (5.x) parses the file again for the config, the tokenizer and the weights (a GGUFReader each: the
+    49,152-token vocabulary read element by element) and builds the name map anew for each of the model's modules;
+    both are pure functions of their arguments and read-only here. Measured [avx2], SmolLM2-135M Q4_1: 24.2-24.3 s
+    without, 8.6-11.3 s with, the folder byte for byte the same."""
+    try:
+        import gguf
+    except ImportError:  # transformers names the package it needs when it reads the file
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def parsed(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parsed, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _convert(file: str, dest: Path) -> None:
     import torch
     from huggingface_hub import save_torch_state_dict
@@ -119,8 +148,9 @@ def _convert(file: str, dest: Path) -> None:
           f"{dest} once; later runs read that folder", file=sys.stderr, flush=True)
     folder, name = os.path.dirname(file), os.path.basename(file)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        with _parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:  # an architecture or tensor type transformers lacks
         raise UserError(f"{file}: transformers cannot read this GGUF file ({type(e).__name__}: {e}); give the "
                         "model's safetensors checkpoint instead") from None

@@ -67,9 +67,16 @@ def _state(folder):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
-def test_the_folder_holds_what_the_file_holds(source, cache):
+def test_the_folder_holds_what_the_file_holds(source, cache, monkeypatch):
+    import gguf
+
     model, tokenizer, _, files = source
+    parses = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parses.append(a) or reader(*a, **k))
+    counting = gguf.GGUFReader
     folder = resolve_model_path(files["f32"])
+    assert len(parses) == 1 and gguf.GGUFReader is counting  # config, tokenizer, weights: one parse; put back
     assert os.path.dirname(folder) == str(cache) and os.path.isfile(os.path.join(folder, gguf_base.MARKER))
     ours, original = _state(folder), model.state_dict()
     assert list(ours) == list(original)
