@@ -69,9 +69,11 @@ def test_lora_on_the_4bit_real_model_equals_peft(smollm2):
 
 @pytest.fixture(scope="module")
 def trained(smollm2, env, tmp_path_factory):
-    """A 4-step run of configs/smollm2-135m.yaml from the GGUF file (fp32 compute): (run folder, its stdout)."""
+    """A 4-step run of configs/smollm2-135m.yaml from the GGUF file (fp32 compute), 8 examples a step (the config's
+    16 took twice the time for the same fall of the loss): (run folder, its stdout)."""
     out = tmp_path_factory.mktemp("smollm2") / "run"
     p = run(env, "train", "configs/smollm2-135m.yaml", f"model.name_or_path={SMOLLM2}", "train.max_steps=4",
+            "train.global_batch_size=8",
             "train.eval_every=0", "train.save_every=0", "train.warmup_ratio=0", "data.max_eval_examples=16",
             "data.max_eval_generate=0", "log.report_to=none", "model.dtype=float32", f"train.output_dir={out}")
     return out, p.stdout
@@ -88,7 +90,7 @@ def test_a_few_steps_lower_the_loss_and_the_adapter_loads_in_peft(smollm2, train
     out, stdout = trained
     summary = json.loads((out / "summary.json").read_text())
     first, last = summary["first_eval"]["eval/loss"], summary["final_eval"]["eval/loss"]
-    assert last < 0.7 * first, (first, last)  # 2.87 -> ~0.5 in 4 steps of lr 2e-4 (a step's noise is far smaller)
+    assert last < 0.7 * first, (first, last)  # 2.83 -> 0.97 in 4 steps of lr 2e-4 [avx2] (a step's noise: far less)
     assert "SmolLM2-135M-Instruct.Q4_1.gguf | 4-bit base" in stdout
 
     ids = _ids(tokenizer)
