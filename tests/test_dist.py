@@ -177,9 +177,10 @@ def test_impossible_combinations_are_refused_at_start(env):
                f"train.output_dir={env['root'] / 'dist-bad'}", check=False)
     assert p.returncode != 0
     assert "LLM.int8 weights cannot be sharded by fsdp" in p.stderr and "quant.bits=4" in p.stderr
-    p = launch(env, TOPOLOGIES["zero2"], "configs/tiny.yaml", *DIST, "train.optimizer=adamw_8bit",
-               f"train.output_dir={env['root'] / 'dist-bad2'}", check=False)
-    assert p.returncode != 0 and "train.optimizer=adamw" in p.stderr
+    # the same rules, checked by `scalora train` before it starts the launcher (no process is started)
+    p = run(env, "train", "configs/tiny.yaml", *DIST, "train.optimizer=adamw_8bit", "dist.launch_config=launch/zero2.yaml",
+            "dist.num_processes=2", f"train.output_dir={env['root'] / 'dist-bad2'}", check=False)
+    assert p.returncode != 0 and p.stderr.startswith("error: under zero2: train.optimizer=adamw_8bit"), p.stderr
 
 
 def test_fsdp_on_cpu_needs_the_switch(env):
@@ -323,44 +324,42 @@ def test_each_rank_loads_a_fraction_of_the_base(env, layered_base):
 
 
 @pytest.fixture(scope="module")
-def reference_loraplus(env):
-    return _single_run(env, "loraplus", "train.loraplus_lr_ratio=16")
-
-
-def test_loraplus_under_sharded_optimizers(env, reference_loraplus, reference):
-    """LoRA+ (two learning rates in two parameter groups) where the optimizer state is sharded, under ZeRO-3: losses
-    and adapter equal the single-process LoRA+ run's (the tolerances of the other topology tests); the plain run's
-    adapter, one lr for all, differs from it. Two bugs this found: a parameter ZeRO-3 shards while loading holds an
-    empty 1-D tensor, and LoRA+ put every one in lora_B's group (16x lr, other losses from step 3); and ZeRO-2 left
-    the second group's optimizer state unlinked (its first checkpoint failed; sharding._link_deepspeed_state). FSDP2
-    and ZeRO-2 passed this check when they were fixed, and are left out for the suite's time."""
-    name = "zero3"
-    out = env["root"] / f"dist-loraplus-{name}"
-    launch(env, TOPOLOGIES[name], "configs/tiny.yaml", *DIST, "train.loraplus_lr_ratio=16", f"train.output_dir={out}")
-    assert_runs_agree(env, out, reference_loraplus)
-    from helpers import adapter
-
-    plus, plain = adapter(reference_loraplus), adapter(reference)
-    assert any(not torch.allclose(plus[k], plain[k], rtol=0.1) for k in plus)
-
-
-@pytest.fixture(scope="module")
 def reference_dora(env):
     return _single_run(env, "dora", "lora.use_dora=true")
 
 
-@pytest.mark.parametrize("name", ["zero3", "fsdp"])
-def test_dora_under_each_topology(env, reference_dora, reference, name):
-    """DoRA (a trained magnitude per output, the norm over each layer's de-quantized weight) on two processes, both
-    loading the base layer by layer, each layer's magnitude computed once its weights are in and before it is
-    sharded: FSDP unshards a whole decoder layer for its forward; ZeRO-3 gathers a module's parameters for its own
-    call, so the magnitude and lora_B go in through their modules' calls and the norm reads A, B and W inside
-    DeepSpeed's gathering context where they are not whole already. Losses and adapter equal the single-process
-    DoRA run's (the tolerances of the other topology tests); the plain LoRA run's adapter differs from it. ZeRO-2
-    and DDP (which keep the base whole on every process) passed the same check when written and are left out for
-    the suite's time."""
-    out = env["root"] / f"dist-dora-{name}"
-    launch(env, TOPOLOGIES[name], "configs/tiny.yaml", *DIST, "lora.use_dora=true", f"train.output_dir={out}")
+def test_dora_and_loraplus_under_zero3(env, reference_dora):
+    """DoRA with LoRA+ where the optimizer state is sharded, under ZeRO-3, in one run: losses and adapter equal the
+    single-process DoRA + LoRA+ run's (the tolerances of the other topology tests); the DoRA run with one lr for all
+    differs from it. DoRA: a trained magnitude per output, the norm over each layer's de-quantized weight, both
+    processes loading the base layer by layer, each layer's magnitude computed once its weights are in and before it
+    is sharded; ZeRO-3 gathers a module's parameters for its own call, so the magnitude and lora_B go in through
+    their modules' calls and the norm reads A, B and W inside DeepSpeed's gathering context where they are not whole
+    already. LoRA+: two learning rates in two parameter groups. Two bugs this found: a parameter ZeRO-3 shards while
+    loading holds an empty 1-D tensor, and LoRA+ put every one in lora_B's group (16x lr, other losses from step 3;
+    the magnitudes are 1-D, in lora_A's group as peft puts them); and ZeRO-2 left the second group's optimizer state
+    unlinked (its first checkpoint failed; sharding._link_deepspeed_state). LoRA+ under FSDP2 and ZeRO-2, DoRA under
+    ZeRO-2 and DDP (which keep the base whole on every process) passed the same checks when written and are left out
+    for the suite's time; DoRA alone and LoRA+ alone ran as separate launches until the two were one."""
+    both = ["lora.use_dora=true", "train.loraplus_lr_ratio=16"]
+    reference = _single_run(env, "dora-loraplus", *both)
+    out = env["root"] / "dist-dora-loraplus-zero3"
+    launch(env, TOPOLOGIES["zero3"], "configs/tiny.yaml", *DIST, *both, f"train.output_dir={out}")
+    assert_runs_agree(env, out, reference)
+    from helpers import adapter
+
+    plus, plain = adapter(reference), adapter(reference_dora)
+    assert any(k.endswith("lora_magnitude_vector") for k in adapter(out))
+    assert any(not torch.allclose(plus[k], plain[k], rtol=0.1) for k in plus)
+
+
+def test_dora_under_fsdp(env, reference_dora, reference):
+    """DoRA on two processes under FSDP2, which unshards a whole decoder layer for its forward: the magnitudes
+    computed while loading layer by layer, before fully_shard; losses and adapter equal the single-process DoRA run's
+    (the tolerances of the other topology tests); the plain LoRA run's adapter differs from it (it has no
+    magnitudes)."""
+    out = env["root"] / "dist-dora-fsdp"
+    launch(env, TOPOLOGIES["fsdp"], "configs/tiny.yaml", *DIST, "lora.use_dora=true", f"train.output_dir={out}")
     assert_runs_agree(env, out, reference_dora)
     from helpers import adapter
 
