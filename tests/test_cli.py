@@ -166,6 +166,7 @@ def test_report_to_none_never_imports_wandb(env):
     out = env["root"] / "c"
     code = ("import sys; from scalora.config import load_config; from scalora.train import train; "
             f"train(load_config('configs/tiny.yaml', ['train.max_steps=2', 'data.max_eval_generate=0', "
+            "'data.max_eval_examples=16', "
             f"'train.output_dir={out}', 'log.report_to=none'])); "
             "assert 'wandb' not in sys.modules, 'wandb imported'; print('NO_WANDB')")
     p = subprocess.run([sys.executable, "-c", code], env=env["env"], capture_output=True, text=True, timeout=600)
