@@ -230,23 +230,24 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
 
 
-def test_the_cli_file_and_shipped_launch_files_work_from_anywhere(env, tmp_path):
+def test_the_cli_file_and_shipped_launch_files_work_from_anywhere(env, tmp_path, reference_bf16):
     """`accelerate launch --mixed_precision bf16 <shipped file> scalora/cli.py train ...`, run from another folder:
     the file found by `scalora launch-file`, the CLI run as a file, and the launcher's precision taken where the
-    config says model.dtype auto."""
+    config says model.dtype auto. It is also the bf16 ZeRO-2 run: the single-process bf16 run's losses and adapter
+    to bf16 rounding, as test_bf16_compute_under_sharding checks FSDP's."""
     out = tmp_path / "from-elsewhere"
     shipped = run(env, "launch-file", "zero2").stdout.strip()
     assert os.path.isabs(shipped) and shipped.endswith("scalora/launch/zero2.yaml")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = _launch_args("--config_file", shipped, "--mixed_precision", "bf16", os.path.join(root, "scalora", "cli.py"),
-                       "train", os.path.join(root, "configs", "tiny.yaml"), *DIST, "train.max_steps=2",
-                       f"train.output_dir={out}")
+                       "train", os.path.join(root, "configs", "tiny.yaml"), *DIST, f"train.output_dir={out}")
     p = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["topology"] == "zero2" and summary["processes"] == 2
     assert summary["compute_dtype"] == "bfloat16"
     assert summary["compute_dtype_reason"] == "auto: the launcher's mixed_precision=bf16"
+    assert_runs_agree(env, out, reference_bf16, dtype="bfloat16")
 
 
 def _single_run(env, name: str, *overrides: str):
@@ -261,11 +262,11 @@ def reference_bf16(env):
     return _single_run(env, "bf16", "model.dtype=bfloat16")
 
 
-@pytest.mark.parametrize("name", ["fsdp", "zero2"])
+@pytest.mark.parametrize("name", ["fsdp"])
 def test_bf16_compute_under_sharding(env, reference_bf16, name):
-    """bf16 compute (what GPUs run) under FSDP2 and ZeRO: the single-process bf16 run's losses and adapter to bf16
-    rounding (tests/tolerance.py's operand_rtol). FSDP on CPU once crashed here: its mixed-precision policy was never
-    set."""
+    """bf16 compute (what GPUs run) under FSDP2: the single-process bf16 run's losses and adapter to bf16 rounding
+    (tests/tolerance.py's operand_rtol). FSDP on CPU once crashed here: its mixed-precision policy was never set.
+    ZeRO-2's bf16 run is test_the_cli_file_and_shipped_launch_files_work_from_anywhere's."""
     out = env["root"] / f"dist-bf16-{name}"
     launch(env, TOPOLOGIES[name], "configs/tiny.yaml", *DIST, "model.dtype=bfloat16", f"train.output_dir={out}")
     assert json.loads((out / "summary.json").read_text())["compute_dtype"] == "bfloat16"
