@@ -7,7 +7,7 @@ import atexit
 import os
 import sys
 import threading
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 if __name__ == "__main__" and not __package__:  # run as a file: `accelerate launch scalora/cli.py train ...`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -368,6 +368,11 @@ def run(argv: Optional[list[str]] = None) -> NoReturn:
         code = main(argv)
     except SystemExit as e:  # argparse's --help and usage errors
         code = e.code
+    exit_now(code)
+
+
+def exit_now(code: Any) -> NoReturn:
+    """End the process as a normal exit with status `code` would, less the interpreter's teardown (see `run`)."""
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1

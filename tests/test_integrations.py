@@ -263,12 +263,9 @@ def test_peft_config_accepted_and_peft_only_attributes_refused(base_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["examples/trainer.py", "examples/sft_trl.py", "examples/quickstart.py"])
 def test_readme_examples_run(env, tmp_path, script):
-    """The README's examples, as shipped: each finishes and writes a PEFT-format adapter."""
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, script, str(tmp_path / "out")], env=env["env"], capture_output=True,
-                       text=True, timeout=600)
+    """The README's examples, as shipped: each finishes and writes a PEFT-format adapter. Each runs as `python
+    SCRIPT` would, in a process forked from the session's pre-imported interpreter (tests/zygote.py)."""
+    p = env["zygote"].run([str(tmp_path / "out")], env["env"], script=script)
     assert p.returncode == 0, p.stderr[-3000:]
     if "quickstart" in script:
         assert "['adapter_config.json', 'adapter_model.safetensors']" in p.stdout

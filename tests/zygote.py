@@ -1,4 +1,5 @@
-"""`scalora ARGS` in a fresh process without paying the imports again: a pre-imported interpreter that forks.
+"""`scalora ARGS` (or `python SCRIPT ARGS`) in a fresh process without paying the imports again: a pre-imported
+interpreter that forks.
 
 Most of the suite's time went to starting processes: `python -m scalora train` on the tiny model spent ~4 of its ~8 s
 importing torch, transformers, bitsandbytes (which sets up torch.compile at import) and peft [amx_bf16 avx512_bf16].
@@ -47,6 +48,8 @@ def _child(req: dict, conn: socket.socket) -> None:
             new = os.open(path, flags)
             os.dup2(new, fd)
             os.close(new)
+        if req.get("script"):
+            _run_script(req["script"], req["argv"])
         sys.argv = [sys.argv[0], *req["argv"]]
         from scalora.cli import run
 
@@ -58,6 +61,27 @@ def _child(req: dict, conn: socket.socket) -> None:
         sys.stderr.flush()
     finally:
         os._exit(70)
+
+
+def _run_script(script: str, argv: list[str]) -> None:
+    """`python SCRIPT ARGV` in the forked process: the script as __main__ with its folder first on sys.path, an
+    uncaught exception printed with status 1, then the end of a normal exit (scalora.cli.exit_now)."""
+    import runpy
+    import traceback
+
+    from scalora.cli import exit_now
+
+    sys.argv = [script, *argv]
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except BaseException:  # noqa: BLE001 - as the interpreter reports it
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
 
 
 def serve(fd: int) -> None:
@@ -181,28 +205,31 @@ class Zygote:
         keys = set(env) | set(self.env)
         return not any(env.get(k) != self.env.get(k) for k in keys if k.startswith(FRESH_PREFIXES))
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str | None = None) -> Process:
+    def spawn(self, argv: list[str], env: dict[str, str], cwd: str | None = None,
+              script: str | None = None) -> Process:
         self._n += 1
         out, err = (os.path.join(self._tmp, f"{self._n}.{s}") for s in ("out", "err"))
         for path in (out, err):
             open(path, "w").close()
         pid = self._ask({"op": "spawn", "argv": argv, "env": env, "cwd": cwd or os.getcwd(), "stdout": out,
-                         "stderr": err})["pid"]
+                         "stderr": err, "script": script})["pid"]
         return Process(self, pid, out, err)
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float = 600,
-            cwd: str | None = None) -> subprocess.CompletedProcess:
-        """`scalora ARGV` to its end, as subprocess.run(..., capture_output=True, text=True) returns it."""
+            cwd: str | None = None, script: str | None = None) -> subprocess.CompletedProcess:
+        """`scalora ARGV` (or `python SCRIPT ARGV`) to its end, as subprocess.run(..., capture_output=True,
+        text=True) returns it."""
+        command = [script] if script else ["-m", "scalora"]
         if not self.forks(env):
-            return subprocess.run([sys.executable, "-m", "scalora", *argv], env=env, capture_output=True, text=True,
+            return subprocess.run([sys.executable, *command, *argv], env=env, capture_output=True, text=True,
                                   timeout=timeout, cwd=cwd)
-        proc = self.spawn(argv, env, cwd)
+        proc = self.spawn(argv, env, cwd, script)
         try:
             proc.wait(timeout)
         finally:
             proc.kill()
         out, err = proc.output()
-        return subprocess.CompletedProcess(["scalora", *argv], proc.returncode, out, err)
+        return subprocess.CompletedProcess([*command, *argv], proc.returncode, out, err)
 
     def close(self) -> None:
         """Ends the server (it stops at the end of its input) and removes the runs' captured output."""
