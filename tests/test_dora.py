@@ -123,6 +123,27 @@ def _without_sparse_input_gradient(mp, lora):
     mp.setattr(torch.sparse, "sampled_addmm", lambda pattern, *a, **k: pattern)
 
 
+def _without_dropped_product(mp, lora):
+    """`_DroppedProduct` made to leave W d out: with the base's output, W x - W d returned as W x; after the base,
+    W d returned as zero."""
+    apply = lora._DroppedProduct.apply
+
+    def lost(x, *args):
+        r = apply(x, *args)
+        return (r[0], r[0].detach()) if isinstance(r, tuple) else r.detach() * 0
+
+    mp.setattr(lora._DroppedProduct, "apply", lost)
+
+
+def _count_base_calls(layers) -> list:
+    """A list that grows by one at each call of these LoRA layers' base forward, counted by wrapping the forward
+    rather than by a hook (a hooked base computes its own output)."""
+    calls: list = []
+    for m in layers:
+        m.base_layer.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(m.base_layer.forward)
+    return calls
+
+
 @pytest.mark.parametrize("deferred", [True, False], ids=["with-base", "after-base"])
 @pytest.mark.parametrize("bits", [4, 16])
 def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkeypatch, bits, deferred):
@@ -155,9 +176,7 @@ def test_sparse_dropped_product_with_scalora_s_dropout(saved_tiny_models, monkey
         enable_checkpointing(model)
     model.train()
     layers = [m for m in model.modules() if isinstance(m, scalora.LoraLayer)]
-    calls = []
-    for m in layers:  # counted without a hook (a hooked base computes its own output)
-        m.base_layer.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(m.base_layer.forward)
+    calls = _count_base_calls(layers)
     if not deferred:
         monkeypatch.setattr(lora.LoraLayer, "_base_deferred", lambda *a: False)
     ids = tokens()
@@ -214,8 +233,7 @@ def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch, deferred
         layer.lora_magnitude_vector["default"].weight.copy_(10 * layer.dora_norm("default"))
     model.train()
 
-    calls = []  # counted without a hook (a hooked base computes its own output)
-    layer.base_layer.forward = (lambda f: lambda *a, **k: calls.append(1) or f(*a, **k))(layer.base_layer.forward)
+    calls = _count_base_calls([layer])
 
     def run():
         torch.manual_seed(3)
@@ -234,10 +252,8 @@ def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch, deferred
     with monkeypatch.context() as mp:
         _without_sparse_input_gradient(mp, lora)
         _, g_lost = run()
-    with monkeypatch.context() as mp:  # W d left out: W x - W d as W x, or W d as zero
-        apply = lora._DroppedProduct.apply
-        mp.setattr(lora._DroppedProduct, "apply", lambda x, *a: (lambda r: (r[0], r[0].detach()) if isinstance(
-            r, tuple) else r.detach() * 0)(apply(x, *a)))
+    with monkeypatch.context() as mp:
+        _without_dropped_product(mp, lora)
         y_lost, _ = run()
     assert_rounding_close(y, y_ref, operand_rtol(2), wrong=y_lost, what="bf16 output")
     assert_rounding_close(g, g_ref, operand_rtol(2), wrong=g_lost, what="bf16 input gradient")
