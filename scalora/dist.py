@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -384,14 +385,31 @@ def deepspeed_error(problems: list[str]) -> UserError:
                      "them \"auto\"):\n  - " + "\n  - ".join(problems))
 
 
+def deepspeed_file_config() -> Optional[dict[str, Any]]:
+    """The DeepSpeed JSON the launcher names (a launch file's `deepspeed_config_file`) as its author wrote it; None
+    where the launch file sets DeepSpeed up inline. The config accelerate builds from the file has more in it than
+    the file: `gradient_accumulation_steps: 1` where the file has none (accelerate 1.15), which scalora would
+    otherwise take for the user's value and refuse."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path or path == "none":
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"the launcher's deepspeed_config_file {path!r} could not be read ({e}); the path is "
+                        "relative to the folder you launch from") from None
+
+
 def fill_deepspeed_config(accelerator, cfg, accum: int, dtype: torch.dtype) -> None:
     """Give DeepSpeed's "auto" fields scalora's values (accelerate fills them only from a DataLoader) and refuse a
-    DeepSpeed value that disagrees with the run config."""
+    DeepSpeed value the user set that disagrees with the run config."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    problems = deepspeed_problems(ds, cfg, accum, accelerator.num_processes, dtype)
+    asked = deepspeed_file_config()
+    problems = deepspeed_problems(ds if asked is None else asked, cfg, accum, accelerator.num_processes, dtype)
     if problems:
         raise deepspeed_error(problems)
     for key, (mine, _) in _deepspeed_values(cfg, accum, accelerator.num_processes).items():

@@ -49,8 +49,33 @@ def launch_settings(path: str) -> dict[str, Any]:
             "gradient_accumulation_steps": ds.get("gradient_accumulation_steps"), "deepspeed": ds_json}
 
 
-def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = None) -> None:
-    """Raise one UserError listing every problem found (each with its fix); return quietly otherwise."""
+def launched_settings() -> dict[str, Any]:
+    """`launch_settings` for a process `accelerate launch` started: read from the environment the launcher hands its
+    processes (the launch file and the command line's options, merged). The launcher's gradient accumulation is left
+    to `dist.accumulation_steps`, which reads it there (or from the launcher's command line) itself."""
+    env = os.environ
+    world = dist.world_size()
+    ds_json: dict[str, Any] = {}
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from_file = dist.deepspeed_file_config()
+        ds_json = from_file or {}
+        clipping = env.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+        if from_file is None and clipping not in ("auto", "none"):
+            ds_json["gradient_clipping"] = clipping
+        stage = (ds_json.get("zero_optimization") or {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
+        kind = f"zero{stage if stage is not None else 2}"
+    elif env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        kind = "fsdp"
+    else:
+        kind = "ddp" if world > 1 else "single"
+    return {"kind": kind, "num_processes": world, "mixed_precision": env.get("ACCELERATE_MIXED_PRECISION"),
+            "gradient_accumulation_steps": None, "deepspeed": ds_json}
+
+
+def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = None, inputs: bool = True) -> None:
+    """Raise one UserError listing every problem found (each with its fix); return quietly otherwise. `inputs`
+    False: only what depends on the launcher and the model's config (a launched process: the data and the output
+    folder are the run's to read, once, and `scalora train` checked them before it launched)."""
     problems: list[str] = []
     launch = launch or {"kind": "single" if world == 1 else "ddp"}
 
@@ -77,8 +102,9 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
         if ds_problems:
             problems.append(str(dist.deepspeed_error(ds_problems)))
     _check_model(cfg, launch, collect)
-    _check_data(cfg, collect)
-    _check_output(cfg, collect)
+    if inputs:
+        _check_data(cfg, collect)
+        _check_output(cfg, collect)
     if problems:
         raise UserError(problems[0] if len(problems) == 1 else
                         f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))

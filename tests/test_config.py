@@ -69,3 +69,47 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config("configs/tiny.yaml", ["lora.r=4"])
     cfg.save(str(tmp_path / "c.yaml"))
     assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+def test_launched_processes_check_the_launcher_settings_from_their_environment(monkeypatch, tmp_path,
+                                                                                untrained_base):
+    """What `accelerate launch` hands its processes (its environment) is read as a launch file would be, and checked
+    against the run config in one message before the model loads; the data is left to the run (tests/test_dist.py
+    runs the launcher itself)."""
+    import json
+    import os
+
+    from scalora import preflight
+    from scalora.core.errors import UserError
+
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert preflight.launched_settings()["kind"] == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert preflight.launched_settings()["kind"] == "fsdp"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 4}))
+    for key, value in [("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds)),
+                       ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), ("ACCELERATE_MIXED_PRECISION", "fp16")]:
+        monkeypatch.setenv(key, value)
+    launch = preflight.launched_settings()
+    assert launch["kind"] == "zero3" and launch["mixed_precision"] == "fp16"  # the file's stage, as accelerate's
+    cfg = load_config(None, [f"model.name_or_path={untrained_base}", "model.dtype=float32", "quant.bits=8",
+                             "train.micro_batch_size=4", f"data.train_file={tmp_path / 'missing.jsonl'}",
+                             f"train.output_dir={tmp_path / 'out'}"])
+    with pytest.raises(UserError) as e:
+        preflight.check(cfg, 2, launch, inputs=False)
+    message = str(e.value)
+    assert message.startswith("3 problems"), message
+    for part in ("under zero3: quant.bits=8", "gradient_accumulation_steps=4 (scalora's: 2",
+                 "mixed_precision=fp16, but model.dtype=float32"):
+        assert part in message, (part, message)
+    assert "missing.jsonl" not in message and not (tmp_path / "out").exists()
+    with pytest.raises(UserError) as e:
+        preflight.check(cfg, 2, launch)  # `scalora train`'s own check, before it launches, reads the data too
+    assert message.startswith("3 problems") and str(e.value).startswith("4 problems")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "nowhere.json"))
+    with pytest.raises(UserError, match="nowhere.json.*relative to the folder you launch from"):
+        preflight.launched_settings()

@@ -47,7 +47,10 @@ def distributed_run(env):
     dist.num_processes=2` (scalora runs `accelerate launch` with the file itself). FSDP and ZeRO-3 with
     train.chunked_loss=true: FSDP2 keeps the root's head whole through backward, so the chunked path runs there;
     ZeRO-3's released head falls back to whole logits. One run proves each topology and its chunked-loss path
-    (whole-logits FSDP: the bf16 and layered-base runs)."""
+    (whole-logits FSDP: the bf16 and layered-base runs). ZeRO-2 from a DeepSpeed JSON of the user's own that says
+    nothing of batch or accumulation (the shipped zero2.yaml: test_the_cli_file_and_shipped_launch_files_work_from_
+    anywhere); accelerate puts gradient_accumulation_steps 1 into the config it builds from such a file, and the run
+    must still take its 2 from the run config (a run with 1 would not match one process's losses)."""
     done = {}
 
     def get(name):
@@ -58,10 +61,21 @@ def distributed_run(env):
                         "dist.launch_config=launch/ddp.yaml", "dist.num_processes=2")
             else:
                 chunked = ["train.chunked_loss=true"] if name in ("zero3", "fsdp") else []
-                p = launch(env, TOPOLOGIES[name], "configs/tiny.yaml", *DIST, *chunked, f"train.output_dir={out}")
+                launch_file = TOPOLOGIES[name] if name != "zero2" else _own_deepspeed_file(env["root"], stage=2)
+                p = launch(env, launch_file, "configs/tiny.yaml", *DIST, *chunked, f"train.output_dir={out}")
             done[name] = out, p.stdout
         return done[name]
     return get
+
+
+def _own_deepspeed_file(folder, stage: int) -> str:
+    """A launch file naming a DeepSpeed JSON as a DeepSpeed user writes one: the ZeRO stage, nothing else."""
+    ds_json = folder / f"ds-zero{stage}.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    launch_file = folder / f"ds-zero{stage}.yaml"
+    launch_file.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\n"
+                           "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
+    return str(launch_file)
 
 
 @pytest.fixture(params=list(TOPOLOGIES))
@@ -203,7 +217,8 @@ def _launch_args(*extra):
 
 def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_path):
     """scalora's config is the one source of truth for batch, accumulation and precision: a launcher value that
-    disagrees is refused with both values and the key to set, and nothing is trained or written."""
+    disagrees is refused with both values and the key to set. Every problem comes in one message, from the launched
+    processes' check before the model loads: nothing is trained, not even the output folder is made."""
     import json as _json
 
     ds_json = tmp_path / "ds.json"
@@ -213,12 +228,12 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
     ds_yaml.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\n"
                        "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
     cases = [
-        (["--config_file", "launch/ddp.yaml", "--gradient_accumulation_steps", "4"], [],
-         ["gradient_accumulation_steps=4", "takes 2", "train.global_batch_size"]),
-        (["--config_file", "launch/ddp.yaml", "--mixed_precision", "fp16"], ["model.dtype=float32"],
-         ["mixed_precision=fp16", "model.dtype=float32", "model.dtype=float16"]),
-        (["--config_file", str(ds_yaml)], [], ["gradient_accumulation_steps=4 (scalora's: 2",
-                                               "train.global_batch_size"]),
+        (["--config_file", "launch/ddp.yaml", "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16"],
+         ["model.dtype=float32"], ["gradient_accumulation_steps=4", "takes 2", "train.global_batch_size",
+                                   "mixed_precision=fp16", "model.dtype=float32", "model.dtype=float16"]),
+        (["--config_file", str(ds_yaml)], ["train.optimizer=adamw_8bit"],  # the DeepSpeed file's, and the topology's
+         ["gradient_accumulation_steps=4 (scalora's: 2", "train.global_batch_size",
+          "under zero2: train.optimizer=adamw_8bit"]),
     ]
     for i, (launcher, overrides, messages) in enumerate(cases):
         out = tmp_path / f"run{i}"
@@ -226,8 +241,10 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
                            f"train.output_dir={out}")
         p = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
         assert p.returncode != 0, launcher
-        assert all(m in p.stderr for m in messages), (launcher, p.stderr[-3000:])
-        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and "2 problems" in errors[0], (launcher, p.stderr[-3000:])
+        assert all(m in errors[0] for m in messages), (launcher, errors[0])
+        assert not out.exists()
 
 
 def test_the_cli_file_and_shipped_launch_files_work_from_anywhere(env, tmp_path, reference_bf16):
