@@ -1,6 +1,7 @@
 """`scalora train / merge / generate` through the real CLI, in subprocesses, on the embedded default."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,10 +20,16 @@ from tolerance import assert_rounding_close, logits_rtol
 pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
 
 
+SECRETS = {"WANDB_API_KEY": "local-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SeCrEtToKeN1234"}
+
+
 @pytest.fixture(scope="module")
 def trained(env):
+    """A 6-step run of configs/tiny.yaml logging to W&B (offline), with a W&B key and a hub token in its environment
+    (test_secrets_never_reach_files_or_logs)."""
     out = env["root"] / "a"
-    p = run(env, "train", "configs/tiny.yaml", *FAST, f"train.output_dir={out}", "log.report_to=wandb")
+    p = run({**env, "env": dict(env["env"], **SECRETS)}, "train", "configs/tiny.yaml", *FAST,
+            f"train.output_dir={out}", "log.report_to=wandb", "log.wandb_mode=offline")
     return out, p
 
 
@@ -69,6 +76,16 @@ def test_train_writes_everything(trained):
     tensors = {**load_file(ckpt / "adapter/adapter_model.safetensors"), **load_file(ckpt / "optimizer.safetensors")}
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors), sorted(tensors)[:5]
     assert sum(t.numel() for t in tensors.values() if t.dim()) == 3 * summary["trainable_params"]  # + 2 moments
+
+
+def test_secrets_never_reach_files_or_logs(trained):
+    out, p = trained
+    blobs = [p.stdout, p.stderr]
+    for d, _, names in os.walk(out):
+        blobs += [open(os.path.join(d, n), "rb").read().decode("latin-1") for n in names]
+    assert len(blobs) > 10
+    for value in SECRETS.values():
+        assert not any(value in b for b in blobs)
 
 
 def test_wandb_offline_run_folder_holds_the_metrics(trained):
