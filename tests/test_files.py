@@ -40,12 +40,16 @@ def test_scalora_adapter_loads_in_peft(tmp_path, arch):
                           wrong=_logits(tiny_model(arch)), what="logits")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_peft_adapter_loads_in_scalora(tmp_path, arch):
-    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(**CFG, modules_to_save=["lm_head"]))
+@pytest.mark.parametrize("arch,saved", [("llama", "lm_head"), ("gpt2", "lm_head"), ("llama", "norm")])
+def test_peft_adapter_loads_in_scalora(tmp_path, arch, saved):
+    """With whole modules trained: "norm" is peft's suffix rule's 5 norms (test_peft_parity), each copy changed."""
+    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(**CFG, modules_to_save=[saved]))
     randomize_lora(theirs)
+    copies = [m for m in theirs.modules() if isinstance(m, peft.utils.ModulesToSaveWrapper)]
+    assert len(copies) == (5 if saved == "norm" else 1)
     with torch.no_grad():
-        theirs.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+        for m in copies:
+            m.modules_to_save["default"].weight.mul_(1.5)
     theirs.save_pretrained(tmp_path)
     ours = scalora.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path))
     assert not any(p.requires_grad for p in ours.parameters())

@@ -55,10 +55,14 @@ def test_bias_modes_match_peft(bias):
     assert any(n.endswith(".bias") and p.requires_grad for n, p in ours.named_parameters())
 
 
-def test_modules_to_save_match_peft():
-    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+@pytest.mark.parametrize("saved,copies", [(["lm_head"], 1), (["norm"], 5), (["layernorm"], 4), (["model.norm"], 1)])
+def test_modules_to_save_match_peft(saved, copies):
+    """The modules peft picks by its suffix rule, as text: "norm" is model.norm and the 2 x 2 decoder layers'
+    input_layernorm / post_attention_layernorm, "layernorm" those 4 alone, "model.norm" the last one."""
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=saved)
     ours, theirs = _pair(lambda: tiny_model("llama"), cfg)
     _assert_parity(ours, theirs)
+    assert sum(isinstance(m, scalora.ModulesToSaveWrapper) for m in ours.modules()) == copies
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -68,14 +68,15 @@ class LoraModel(Wrapper):
         modules_to_save = config.modules_to_save
         if modules_to_save is None and config.task_type == TaskType.SEQ_CLS:
             modules_to_save = [n for n in _SEQ_CLS_MODULES_TO_SAVE if _has_suffix(self.model, n)]
+        wrapped = inside_wrappers
         for key, module in list(self.model.named_modules()):
-            if not key or key.startswith(inside_wrappers) or not modules_to_save or \
-                    not targets.matches(key, modules_to_save):
+            if not key or key.startswith(wrapped) or not modules_to_save or not targets.saves(key, modules_to_save):
                 continue
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(adapter_name)
             else:
                 _set_submodule(self.model, key, ModulesToSaveWrapper(module, adapter_name))
+            wrapped += (key + ".",)  # what is inside a copied module is copied with it
 
         self.peft_config[adapter_name] = config
         self._mark_trainable(adapter_name)

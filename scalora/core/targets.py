@@ -34,6 +34,15 @@ def matches(key: str, targets: Union[str, list[str]]) -> bool:
     return key in targets or any(key.endswith("." + t) for t in targets)
 
 
+def saves(key: str, modules_to_save: list[str]) -> bool:
+    """Whether `modules_to_save` picks the module named `key` in the base model, as peft picks it (peft 0.21,
+    `utils.other._set_trainable`): its name in the PeftModel (`base_model.model.` + key) ends with one of the
+    strings, as text, not at a dot: "norm" picks model.norm and every input_layernorm and post_attention_layernorm,
+    and an adapter file saved with such a list holds the same modules in scalora and in peft."""
+    full = "base_model.model." + key
+    return any(full.endswith(name) for name in modules_to_save)
+
+
 def layer_index(key: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
     if not layers_pattern:
         m = re.match(r".*\.[^.]*\.(\d+)\.", key)
