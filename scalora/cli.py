@@ -37,7 +37,8 @@ def _train(args: argparse.Namespace) -> int:
         preflight.check(cfg, cfg.dist.num_processes, preflight.launch_settings(path))
         return _relaunch(args, path, cfg.dist.num_processes)
     if in_worker:  # the launcher's settings against the config, all at once, before the model loads
-        preflight.check(cfg, int(os.environ.get("WORLD_SIZE", "1")), preflight.launched_settings(), inputs=False)
+        launch = preflight.launched_settings()
+        preflight.check(cfg, launch["num_processes"], launch, inputs=False)
     else:
         preflight.check(cfg)  # every input, before the model loads
     from .train import train

@@ -74,8 +74,9 @@ def launched_settings() -> dict[str, Any]:
 
 def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = None, inputs: bool = True) -> None:
     """Raise one UserError listing every problem found (each with its fix); return quietly otherwise. `inputs`
-    False: only what depends on the launcher and the model's config (a launched process: the data and the output
-    folder are the run's to read, once, and `scalora train` checked them before it launched)."""
+    False: only what depends on the launcher and the model's config, as each launched process checks it (the data
+    and the output folder are then the run's to read and report; `scalora train` with dist.launch_config checked
+    them before it launched)."""
     problems: list[str] = []
     launch = launch or {"kind": "single" if world == 1 else "ddp"}
 
