@@ -385,20 +385,27 @@ def deepspeed_error(problems: list[str]) -> UserError:
                      "them \"auto\"):\n  - " + "\n  - ".join(problems))
 
 
-def deepspeed_file_config() -> Optional[dict[str, Any]]:
-    """The DeepSpeed JSON the launcher names (a launch file's `deepspeed_config_file`) as its author wrote it; None
-    where the launch file sets DeepSpeed up inline. The config accelerate builds from the file has more in it than
-    the file: `gradient_accumulation_steps: 1` where the file has none (accelerate 1.15), which scalora would
-    otherwise take for the user's value and refuse."""
+def deepspeed_asked(built: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """What the user asked DeepSpeed for, to hold against the run config: the JSON the launcher names (a launch
+    file's `deepspeed_config_file`) as its author wrote it, else `built` (the config accelerate built from the launch
+    file's inline settings and the launcher's options; None: not built yet), with the launcher's --gradient_clipping
+    where the JSON leaves clipping out or "auto" (accelerate fills it in there). Not the config accelerate builds
+    from a JSON: that one has more in it than the file, `gradient_accumulation_steps: 1` where the file has none
+    (accelerate 1.15), which scalora would take for the user's value and refuse."""
     path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not path or path == "none":
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"the launcher's deepspeed_config_file {path!r} could not be read ({e}); the path is "
-                        "relative to the folder you launch from") from None
+        asked = dict(built or {})
+    else:
+        try:
+            with open(path) as f:
+                asked = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"the launcher's deepspeed_config_file {path!r} could not be read ({e}); the path is "
+                            "relative to the folder you launch from") from None
+    clipping = os.environ.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
+    if clipping not in ("auto", "none") and asked.get("gradient_clipping", "auto") == "auto":
+        asked["gradient_clipping"] = clipping
+    return asked
 
 
 def fill_deepspeed_config(accelerator, cfg, accum: int, dtype: torch.dtype) -> None:
@@ -408,8 +415,7 @@ def fill_deepspeed_config(accelerator, cfg, accum: int, dtype: torch.dtype) -> N
     if plugin is None:
         return
     ds = plugin.deepspeed_config
-    asked = deepspeed_file_config()
-    problems = deepspeed_problems(ds if asked is None else asked, cfg, accum, accelerator.num_processes, dtype)
+    problems = deepspeed_problems(deepspeed_asked(ds), cfg, accum, accelerator.num_processes, dtype)
     if problems:
         raise deepspeed_error(problems)
     for key, (mine, _) in _deepspeed_values(cfg, accum, accelerator.num_processes).items():

@@ -57,11 +57,7 @@ def launched_settings() -> dict[str, Any]:
     world = dist.world_size()
     ds_json: dict[str, Any] = {}
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        from_file = dist.deepspeed_file_config()
-        ds_json = from_file or {}
-        clipping = env.get("ACCELERATE_GRADIENT_CLIPPING", "auto")
-        if from_file is None and clipping not in ("auto", "none"):
-            ds_json["gradient_clipping"] = clipping
+        ds_json = dist.deepspeed_asked()
         stage = (ds_json.get("zero_optimization") or {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"))
         kind = f"zero{stage if stage is not None else 2}"
     elif env.get("ACCELERATE_USE_FSDP", "false").lower() == "true":

@@ -92,7 +92,8 @@ def test_launched_processes_check_the_launcher_settings_from_their_environment(m
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 4}))
     for key, value in [("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds)),
-                       ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), ("ACCELERATE_MIXED_PRECISION", "fp16")]:
+                       ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"), ("ACCELERATE_MIXED_PRECISION", "fp16"),
+                       ("ACCELERATE_GRADIENT_CLIPPING", "0.5")]:  # --gradient_clipping, where the file has none
         monkeypatch.setenv(key, value)
     launch = preflight.launched_settings()
     assert launch["kind"] == "zero3" and launch["mixed_precision"] == "fp16"  # the file's stage, as accelerate's
@@ -104,7 +105,7 @@ def test_launched_processes_check_the_launcher_settings_from_their_environment(m
     message = str(e.value)
     assert message.startswith("3 problems"), message
     for part in ("under zero3: quant.bits=8", "gradient_accumulation_steps=4 (scalora's: 2",
-                 "mixed_precision=fp16, but model.dtype=float32"):
+                 "gradient_clipping=0.5 (scalora's: 1.0", "mixed_precision=fp16, but model.dtype=float32"):
         assert part in message, (part, message)
     assert "missing.jsonl" not in message and not (tmp_path / "out").exists()
     with pytest.raises(UserError) as e:
