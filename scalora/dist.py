@@ -381,8 +381,8 @@ def deepspeed_problems(ds: dict[str, Any], cfg, accum: int, world: int, dtype: O
 
 def deepspeed_error(problems: list[str]) -> UserError:
     return UserError("the DeepSpeed config disagrees with the run config, which is the one source of truth for batch "
-                     "sizes, accumulation, clipping and precision: remove these from the DeepSpeed config (or make "
-                     "them \"auto\"):\n  - " + "\n  - ".join(problems))
+                     "sizes, accumulation, clipping and precision: remove these from the DeepSpeed config and the "
+                     "launcher's options (or make them \"auto\"):\n  - " + "\n  - ".join(problems))
 
 
 def deepspeed_asked(built: Optional[dict[str, Any]] = None) -> dict[str, Any]:
