@@ -175,6 +175,19 @@ def _launcher_option(option: str) -> Optional[str]:
     return None
 
 
+def launcher_processes_problem() -> Optional[str]:
+    """Why this process is alone where its launcher was asked for several (None where it is not): `accelerate
+    launch --num_processes N` without a launch file that sets N processes up, or --multi_gpu, runs its simple
+    launcher, one process, and says nothing (accelerate 1.15; with --cpu even --multi_gpu does)."""
+    asked = _launcher_option("--num_processes")
+    if asked is None or not asked.isdigit() or int(asked) <= 1 or world_size() > 1:
+        return None
+    return (f"accelerate launch was asked for --num_processes {asked} but started one process (it starts several "
+            "only from a launch file that sets them up, or with --multi_gpu and without --cpu): launch with "
+            "--config_file $(scalora launch-file ddp) (or zero2, zero3, fsdp), or run `scalora train CONFIG "
+            f"dist.launch_config=ddp dist.num_processes={asked}`")
+
+
 _MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -84,6 +84,9 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
         return None
 
     t = cfg.train
+    alone = dist.launcher_processes_problem()
+    if alone:
+        problems.append(alone)
     collect(dist.accumulation_steps, t.global_batch_size, t.micro_batch_size, world)
     asked = launch.get("gradient_accumulation_steps")
     if asked not in (None, "auto") and world and t.global_batch_size % (t.micro_batch_size * world) == 0 and \

@@ -233,6 +233,8 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
         (["--config_file", str(ds_yaml)], ["train.optimizer=adamw_8bit"],  # the DeepSpeed file's, and the topology's
          ["2 problems", "gradient_accumulation_steps=4 (scalora's: 2", "train.global_batch_size",
           "under zero2: train.optimizer=adamw_8bit"]),
+        (["--num_processes", "2", "--cpu"], [],  # accelerate's simple launcher: one process, where 2 were asked for
+         ["--num_processes 2 but started one process", "scalora launch-file ddp"]),
     ]
     for i, (launcher, overrides, messages) in enumerate(cases):
         out = tmp_path / f"run{i}"
