@@ -39,6 +39,11 @@ def _train(args: argparse.Namespace) -> int:
     if in_worker:  # the launcher's settings against the config, all at once, before the model loads
         launch = preflight.launched_settings()
         preflight.check(cfg, launch["num_processes"], launch, inputs=False)
+        if os.environ.get("LOCAL_RANK", "0") == "0" and "ACCELERATE_LAUNCH" not in os.environ:
+            # the data and the output folder, before the model loads: read by each node's first process only (the
+            # others go on and are stopped by the launcher if it fails); under dist.launch_config `scalora train`
+            # checked them before it launched
+            preflight.check_inputs(cfg)
     else:
         preflight.check(cfg)  # every input, before the model loads
     from .train import train

@@ -70,9 +70,8 @@ def launched_settings() -> dict[str, Any]:
 
 def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = None, inputs: bool = True) -> None:
     """Raise one UserError listing every problem found (each with its fix); return quietly otherwise. `inputs`
-    False: only what depends on the launcher and the model's config, as each launched process checks it (the data
-    and the output folder are then the run's to read and report; `scalora train` with dist.launch_config checked
-    them before it launched)."""
+    False: only what depends on the launcher and the model's config, as every launched process checks it (the same
+    message from each, printed once); the data and the output folder are `check_inputs`'."""
     problems: list[str] = []
     launch = launch or {"kind": "single" if world == 1 else "ddp"}
 
@@ -105,6 +104,26 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
     if inputs:
         _check_data(cfg, collect)
         _check_output(cfg, collect)
+    _raise_all(problems)
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The data files and the output folder alone (`check`'s `inputs`), every problem in one UserError."""
+    problems: list[str] = []
+
+    def collect(fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except UserError as e:
+            problems.append(str(e))
+        return None
+
+    _check_data(cfg, collect)
+    _check_output(cfg, collect)
+    _raise_all(problems)
+
+
+def _raise_all(problems: list[str]) -> None:
     if problems:
         raise UserError(problems[0] if len(problems) == 1 else
                         f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
