@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -74,14 +74,7 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
     message from each, printed once); the data and the output folder are `check_inputs`'."""
     problems: list[str] = []
     launch = launch or {"kind": "single" if world == 1 else "ddp"}
-
-    def collect(fn, *args) -> Any:
-        try:
-            return fn(*args)
-        except UserError as e:
-            problems.append(str(e))
-        return None
-
+    collect = _collector(problems)
     t = cfg.train
     alone = dist.launcher_processes_problem()
     if alone:
@@ -110,7 +103,14 @@ def check(cfg: RunConfig, world: int = 1, launch: Optional[dict[str, Any]] = Non
 def check_inputs(cfg: RunConfig) -> None:
     """The data files and the output folder alone (`check`'s `inputs`), every problem in one UserError."""
     problems: list[str] = []
+    collect = _collector(problems)
+    _check_data(cfg, collect)
+    _check_output(cfg, collect)
+    _raise_all(problems)
 
+
+def _collector(problems: list[str]) -> Callable[..., Any]:
+    """`collect(fn, *args)`: fn's result, or None with its UserError's message added to `problems`."""
     def collect(fn, *args) -> Any:
         try:
             return fn(*args)
@@ -118,9 +118,7 @@ def check_inputs(cfg: RunConfig) -> None:
             problems.append(str(e))
         return None
 
-    _check_data(cfg, collect)
-    _check_output(cfg, collect)
-    _raise_all(problems)
+    return collect
 
 
 def _raise_all(problems: list[str]) -> None:
