@@ -61,18 +61,21 @@ def distributed_run(env):
                         "dist.launch_config=launch/ddp.yaml", "dist.num_processes=2")
             else:
                 chunked = ["train.chunked_loss=true"] if name in ("zero3", "fsdp") else []
-                launch_file = TOPOLOGIES[name] if name != "zero2" else _own_deepspeed_file(env["root"], stage=2)
+                # ZeRO-2: a JSON as a DeepSpeed user writes one, the stage and nothing else
+                launch_file = TOPOLOGIES[name] if name != "zero2" else \
+                    _own_deepspeed_file(env["root"], {"zero_optimization": {"stage": 2}}, "ds-zero2")
                 p = launch(env, launch_file, "configs/tiny.yaml", *DIST, *chunked, f"train.output_dir={out}")
             done[name] = out, p.stdout
         return done[name]
     return get
 
 
-def _own_deepspeed_file(folder, stage: int) -> str:
-    """A launch file naming a DeepSpeed JSON as a DeepSpeed user writes one: the ZeRO stage, nothing else."""
-    ds_json = folder / f"ds-zero{stage}.json"
-    ds_json.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
-    launch_file = folder / f"ds-zero{stage}.yaml"
+def _own_deepspeed_file(folder, config: dict, name: str = "ds") -> str:
+    """A launch file for 2 processes naming a DeepSpeed JSON of the user's own (`config`), both written to
+    `folder` as NAME.json and NAME.yaml."""
+    ds_json = folder / f"{name}.json"
+    ds_json.write_text(json.dumps(config))
+    launch_file = folder / f"{name}.yaml"
     launch_file.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\n"
                            "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
     return str(launch_file)
@@ -218,20 +221,14 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
     disagrees is refused with both values and the key to set. Every problem comes in one message, from the launched
     processes' check before the model loads: nothing is trained, not even the output folder is made. A missing data
     file, under a launcher that is set up right, is reported by the node's first process before loading, once."""
-    import json as _json
-
-    ds_json = tmp_path / "ds.json"
-    ds_json.write_text(_json.dumps({"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4,
-                                    "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}))
-    ds_yaml = tmp_path / "ds.yaml"
-    ds_yaml.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {ds_json}\n"
-                       "  zero3_init_flag: false\nnum_machines: 1\nnum_processes: 2\nuse_cpu: false\n")
+    ds_yaml = _own_deepspeed_file(tmp_path, {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4,
+                                             "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"})
     cases = [  # (the launcher's arguments, the run config's overrides, what the one message says)
         (["--config_file", "launch/fsdp.yaml", "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16"],
          ["model.dtype=float32", "quant.bits=8"],
          ["3 problems", "gradient_accumulation_steps=4", "takes 2", "train.global_batch_size", "mixed_precision=fp16",
           "model.dtype=float32", "model.dtype=float16", "LLM.int8 weights cannot be sharded by fsdp", "quant.bits=4"]),
-        (["--config_file", str(ds_yaml)], ["train.optimizer=adamw_8bit"],  # the DeepSpeed file's, and the topology's
+        (["--config_file", ds_yaml], ["train.optimizer=adamw_8bit"],  # the DeepSpeed file's, and the topology's
          ["2 problems", "gradient_accumulation_steps=4 (scalora's: 2", "train.global_batch_size",
           "under zero2: train.optimizer=adamw_8bit"]),
         (["--num_processes", "2", "--cpu"], [],  # accelerate's simple launcher: one process, where 2 were asked for
