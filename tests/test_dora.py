@@ -259,6 +259,23 @@ def test_sparse_dropped_product_in_bf16(saved_tiny_models, monkeypatch, deferred
     assert_rounding_close(g, g_ref, operand_rtol(2), wrong=g_lost, what="bf16 input gradient")
 
 
+@pytest.mark.parametrize("bits,dtype", [(4, torch.bfloat16), (4, torch.float32), (8, torch.float32),
+                                        (16, torch.bfloat16), (16, torch.float32)])
+def test_dense_weight_converts_straight_to_the_compute_dtype(saved_tiny_models, bits, dtype):
+    """`quant.dense_weight(dtype=...)`, which DoRA's products take in the compute dtype, converts what
+    de-quantization gives (a bf16 4-bit base's own bf16) without an fp32 copy in between: the same values, to the
+    bit, as the fp32 weight converted, whatever the base's kind and dtype, and in the dtype asked for."""
+    if bits == 16:
+        model = scalora.get_peft_model(tiny_model("llama").to(dtype), scalora.LoraConfig(r=2)).base_model.model
+    else:
+        model = load_quantized(saved_tiny_models["llama"], bits, dtype=dtype)
+    layer = model.model.layers[0].mlp.down_proj
+    layer = getattr(layer, "base_layer", layer)
+    for want in (torch.bfloat16, torch.float16, torch.float32):
+        got = quant.dense_weight(layer, dtype=want)
+        assert got.dtype == want and torch.equal(got, quant.dense_weight(layer).to(want)), (bits, dtype, want)
+
+
 def test_4bit_dora_keeps_no_dequantized_weight_for_backward(saved_tiny_models):
     """QDoRA with dropout in training saves no de-quantized (out, in) weight for backward (peft's F.linear with it
     does: a layer's worth of fp32 per layer between forward and backward): of the tensors autograd saves, watched

@@ -338,7 +338,7 @@ class _Kept(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ quant.dense_weight(ctx.layer).to(grad.dtype), None, None
+        return grad @ quant.dense_weight(ctx.layer, dtype=grad.dtype), None, None
 
 
 def _dropped_index(keep: torch.Tensor, flat: Optional[torch.Tensor] = None
@@ -385,7 +385,7 @@ class _DroppedProduct(torch.autograd.Function):
         # after the forward and fills this tensor again before the layer's backward
         ctx.layer, ctx.weight, ctx.x_shape, ctx.x_dtype = layer, layer.base_layer.weight, x.shape, x.dtype
         ctx.dtype, ctx.base = dtype, base
-        w_t = _transposed(layer.dense_weight(ctx.weight), dtype)  # (in, out)
+        w_t = _transposed(layer.dense_weight(ctx.weight, dtype), dtype)  # (in, out)
         ctx.keep_w = _current_phase() is not None
         ctx.save_for_backward(flat, crow, cols, *((w_t,) if ctx.keep_w else ()))
         d = F.embedding_bag(cols, w_t, crow, mode="sum", per_sample_weights=torch.take(x, flat).to(dtype),
@@ -405,7 +405,7 @@ class _DroppedProduct(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None, *none)
         flat, crow, cols, *kept = ctx.saved_tensors
-        w_t = kept[0] if kept else _transposed(ctx.layer.dense_weight(ctx.weight), ctx.dtype)
+        w_t = kept[0] if kept else _transposed(ctx.layer.dense_weight(ctx.weight, ctx.dtype), ctx.dtype)
         n_in = ctx.x_shape[-1]
         if ctx.base:  # d enters W x - W d negated; both outputs are W x's
             grad_out, grad_d = grads
@@ -500,10 +500,10 @@ class LoraLayer(Wrapper):
             self.active_adapters = [adapter_name]
 
     # --- DoRA -------------------------------------------------------------------------------------------------
-    def dense_weight(self, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The base weight de-quantized to fp32 as (out, in), whatever the base's layout (`weight`: the base's weight
-        tensor as read earlier, `quant.dense_weight`)."""
-        w = quant.dense_weight(self.base_layer, weight)
+    def dense_weight(self, weight: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The base weight de-quantized to fp32 (`dtype`) as (out, in), whatever the base's layout (`weight`: the
+        base's weight tensor as read earlier, `quant.dense_weight`)."""
+        w = quant.dense_weight(self.base_layer, weight, dtype)
         return w.T if self.fan_in_fan_out else w
 
     def dora_norm(self, adapter_name: str, w: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -639,7 +639,7 @@ class LoraLayer(Wrapper):
                     prod = prod - bias
             else:  # peft's F.linear with W (a plain fp32 weight goes in as itself; 8-bit: its de-quantized copy,
                 # as bitsandbytes' int8 matmul would also round the input to int8)
-                prod = F.linear(h, self.dense_weight().to(h.dtype))
+                prod = F.linear(h, self.dense_weight(dtype=h.dtype))
             new = torch.addcmul(result, prod, coef)
         if zero3:  # one more pass over (tokens, out) than folding the coefficients into B's weight
             return new + lora_B(a) * (scale * (self.scaling[name] * factor)).to(a.dtype)

@@ -169,17 +169,20 @@ def _int8_scales(layer: nn.Module) -> torch.Tensor:
     return scb if scb is not None else layer.state.SCB
 
 
-def dense_weight(layer: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def dense_weight(layer: nn.Module, weight: Optional[torch.Tensor] = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The layer's weight in full precision (fp32), in the layer's own layout ((in, out) for Conv1D); `weight`: the
-    layer's weight tensor as read earlier (FSDP2 swaps the attribute for a shard outside the layer's forward)."""
+    layer's weight tensor as read earlier (FSDP2 swaps the attribute for a shard outside the layer's forward).
+    `dtype`: in that dtype instead, converted from what de-quantization gives (a 4-bit base's own dtype) without
+    passing through fp32 (the same values: conversions to bf16 or fp16 round from fp32 either way)."""
     w = layer.weight if weight is None else weight
     if is_4bit(layer):
         # FSDP's unsharded parameter is a plain one without it: the module's (bitsandbytes' forward restores it so)
         state = getattr(w, "quant_state", None)
-        return bnb.functional.dequantize_4bit(w.data, layer.quant_state if state is None else state).float()
+        return bnb.functional.dequantize_4bit(w.data, layer.quant_state if state is None else state).to(dtype)
     if is_8bit(layer):
-        return bnb.functional.int8_vectorwise_dequant(w.data, _int8_scales(layer)).float()
-    return w.data.float()
+        return bnb.functional.int8_vectorwise_dequant(w.data, _int8_scales(layer)).to(dtype)
+    return w.data.to(dtype)
 
 
 def require_finite(w: torch.Tensor, what: str) -> None:
