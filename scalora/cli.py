@@ -24,12 +24,17 @@ def _split_config(args: argparse.Namespace) -> None:
         args.config = None
 
 
+# Set in the environment of the processes `scalora train` starts under `accelerate launch` (dist.launch_config): they
+# are workers, and their inputs were checked before the launch.
+RELAUNCHED = "ACCELERATE_LAUNCH"
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import preflight
 
     _split_config(args)
     cfg = load_config(args.config, args.overrides)
-    in_worker = "LOCAL_RANK" in os.environ or "ACCELERATE_LAUNCH" in os.environ
+    in_worker = "LOCAL_RANK" in os.environ or RELAUNCHED in os.environ
     if cfg.dist.launch_config and not in_worker:
         from .dist import launch_file
 
@@ -39,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
     if in_worker:  # the launcher's settings against the config, all at once, before the model loads
         launch = preflight.launched_settings()
         preflight.check(cfg, launch["num_processes"], launch, inputs=False)
-        if os.environ.get("LOCAL_RANK", "0") == "0" and "ACCELERATE_LAUNCH" not in os.environ:
+        if os.environ.get("LOCAL_RANK", "0") == "0" and RELAUNCHED not in os.environ:
             # the data and the output folder, before the model loads: read by each node's first process only (the
             # others go on and are stopped by the launcher if it fails); under dist.launch_config `scalora train`
             # checked them before it launched
@@ -60,7 +65,7 @@ def _relaunch(args: argparse.Namespace, launch_path: str, processes: int) -> int
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch_path,
            "--num_processes", str(processes), "-m", "scalora"] + (["--debug"] if args.debug else []) + ["train"]
     cmd += ([args.config] if args.config else []) + list(args.overrides)
-    env = dict(os.environ, ACCELERATE_LAUNCH="1")
+    env = dict(os.environ, **{RELAUNCHED: "1"})
     import torch
 
     if not torch.cuda.is_available():

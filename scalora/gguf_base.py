@@ -111,7 +111,7 @@ def _unquantized(config):
 
 
 @contextmanager
-def _parsed_once():
+def parsed_once():
     """While converting: each GGUF file parsed once, and gguf's tensor-name map built once per architecture.
     transformers (5.x) parses the file again for the config, the tokenizer and the weights (a GGUFReader each: the
     49,152-token vocabulary read element by element) and builds the name map anew for each of the model's modules;
@@ -148,7 +148,7 @@ def _convert(file: str, dest: Path) -> None:
           f"{dest} once; later runs read that folder", file=sys.stderr, flush=True)
     folder, name = os.path.dirname(file), os.path.basename(file)
     try:
-        with _parsed_once():
+        with parsed_once():
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:  # an architecture or tensor type transformers lacks

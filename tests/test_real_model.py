@@ -112,9 +112,9 @@ def test_the_fine_tune_exports_to_gguf_as_merged(smollm2, trained, env):
     out, _ = trained
     run(env, "merge", str(out / "final"), "--out", str(out / "merged"))
     run(env, "export", str(out / "final"), "--gguf", str(out / "gguf" / "m.gguf"), "--type", "f32")
-    from scalora.gguf_base import _parsed_once
+    from scalora.gguf_base import parsed_once
 
-    with _parsed_once():  # transformers' reader, the file parsed once for the weights and the tokenizer
+    with parsed_once():  # transformers' reader, the file parsed once for the weights and the tokenizer
         read = AutoModelForCausalLM.from_pretrained(str(out / "gguf"), gguf_file="m.gguf", dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(str(out / "gguf"), gguf_file="m.gguf")
     text = tokenizer.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
