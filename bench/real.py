@@ -18,8 +18,12 @@ both. tokens/s: tokens of the examples trained on (no padding) over the training
 evaluated with scalora's validation (scalora/evaluate.py) on the same 64 held-out conversations: per-token loss on
 the answers, and exact match of greedy answers. Two seeds give the run-to-run noise.
 
+`--variants lora,dora`: each pair once with plain LoRA and once with DoRA (scalora's `lora.use_dora=true`, TRL's
+`LoraConfig(use_dora=True)`), interleaved, so that DoRA's step against LoRA's is measured in the same run too.
+
     .venv/bin/python bench/real.py                         # fp32 and bf16, seeds 42 and 43, 30 steps
     .venv/bin/python bench/real.py --dtypes bfloat16 --seeds 42
+    .venv/bin/python bench/real.py --dtypes float32 --seeds 42 --variants lora,dora
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ def run_measured(cmd: list[str], env: dict, what: str) -> tuple[dict, float]:
 
 
 # --- the workers ---------------------------------------------------------------------------------------------------
-def worker_trl(dtype: str, seed: int, steps: int, out: str) -> None:
+def worker_trl(dtype: str, seed: int, steps: int, out: str, dora: bool = False) -> None:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -93,7 +97,7 @@ def worker_trl(dtype: str, seed: int, steps: int, out: str) -> None:
                      include_num_input_tokens_seen="non_padding", max_grad_norm=t.max_grad_norm,
                      dataloader_num_workers=0)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+                      target_modules="all-linear", task_type="CAUSAL_LM", use_dora=dora)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tok,
                          peft_config=lora)
     metrics = trainer.train().metrics
@@ -137,9 +141,13 @@ def main() -> None:
     ap.add_argument("--dtype")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--adapter")
+    ap.add_argument("--variants", default="lora", help="lora, dora or both (comma-separated)")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if set(variants) - {"lora", "dora"}:
+        sys.exit(f"--variants {args.variants}: choose among lora and dora")
     if args.worker == "trl":
-        return worker_trl(args.dtype, args.seed, args.steps, args.adapter)
+        return worker_trl(args.dtype, args.seed, args.steps, args.adapter, "dora" in variants)
     if args.worker == "eval":
         return worker_eval(args.adapter)
     if not os.path.isfile(SMOLLM2):
@@ -158,44 +166,54 @@ def main() -> None:
     if capped:  # a lower kind's kernels on this CPU: it stands in for that kind, it is not that kind
         kind += f" with {', '.join(capped)}"
     results = {"cpu_kind": kind, "steps": args.steps, "command": " ".join(sys.argv), "runs": []}
+    pairs = [(d, seed, v) for d in args.dtypes.split(",") for seed in map(int, args.seeds.split(",")) for v in variants]
     print(f"CPU kind: {kind}; {args.steps} steps per run", flush=True)
-    for dtype in args.dtypes.split(","):
-        for seed in map(int, args.seeds.split(",")):
-            for stack in ("scalora", "trl"):  # interleaved: a slow moment of a shared machine hits both
-                out = os.path.join(args.workdir, f"{stack}-{dtype}-{seed}")
-                started = time.time()
-                if stack == "scalora":
-                    _, peak = run_measured(
-                        [sys.executable, "-m", "scalora", "train", CONFIG, f"model.name_or_path={SMOLLM2}",
-                         f"model.dtype={dtype}", f"train.seed={seed}", f"train.max_steps={args.steps}",
-                         "train.eval_every=0", "train.save_every=0", "data.max_eval_examples=1",
-                         "data.max_eval_generate=0", "log.report_to=none", "train.overwrite=true",
-                         f"train.output_dir={out}"], env, f"{stack} {dtype} {seed}")
-                    with open(os.path.join(out, "summary.json")) as f:
-                        s = json.load(f)
-                    r = {"tokens": s["train_tokens"], "seconds": s["train_seconds"], "tokens_per_s": s["tokens_per_s"],
-                         "adapter": os.path.join(out, "final")}
-                else:
-                    r, peak = run_measured([sys.executable, __file__, "--worker", "trl", "--dtype", dtype, "--seed",
-                                            str(seed), "--steps", str(args.steps), "--adapter", out], env,
-                                           f"{stack} {dtype} {seed}")
-                q, _ = run_measured([sys.executable, __file__, "--worker", "eval", "--adapter", r["adapter"]], env,
-                                    f"eval {stack} {dtype} {seed}")
-                row = {"stack": stack, "dtype": dtype, "seed": seed, "peak_gib": round(peak, 3), **r, **q,
-                       "wall_s": round(time.time() - started, 1), "cpu_kind": kind}
-                results["runs"].append(row)
-                print(f"  {stack:<8} {dtype:<8} seed {seed}: {r['tokens_per_s']:6.1f} tokens/s ({r['tokens']} tokens "
-                      f"in {r['seconds']:.1f} s), peak {peak:.2f} GiB, eval loss {q['eval_loss']:.4f}, exact match "
-                      f"{q['exact_match']:.1%}  [{kind}]", flush=True)
-                write_results(args.out, results)
-    print("\nratios, scalora / TRL, each seed's pair:")
-    for dtype in args.dtypes.split(","):
-        for seed in map(int, args.seeds.split(",")):
-            a, b = [next(r for r in results["runs"] if (r["stack"], r["dtype"], r["seed"]) == (st, dtype, seed))
-                    for st in ("scalora", "trl")]
-            print(f"  {dtype:<8} seed {seed}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak memory "
-                  f"{a['peak_gib'] / b['peak_gib']:.2f}x, eval loss {a['eval_loss']:.4f} vs {b['eval_loss']:.4f}, "
-                  f"exact match {a['exact_match']:.1%} vs {b['exact_match']:.1%}")
+    for dtype, seed, variant in pairs:
+        for stack in ("scalora", "trl"):  # interleaved: a slow moment of a shared machine hits both
+            out = os.path.join(args.workdir, f"{stack}-{dtype}-{seed}" + ("-dora" if variant == "dora" else ""))
+            what = f"{stack} {variant} {dtype} {seed}"
+            started = time.time()
+            if stack == "scalora":
+                _, peak = run_measured(
+                    [sys.executable, "-m", "scalora", "train", CONFIG, f"model.name_or_path={SMOLLM2}",
+                     f"model.dtype={dtype}", f"train.seed={seed}", f"train.max_steps={args.steps}",
+                     "train.eval_every=0", "train.save_every=0", "data.max_eval_examples=1",
+                     "data.max_eval_generate=0", "log.report_to=none", "train.overwrite=true",
+                     f"lora.use_dora={variant == 'dora'}", f"train.output_dir={out}"], env, what)
+                with open(os.path.join(out, "summary.json")) as f:
+                    s = json.load(f)
+                r = {"tokens": s["train_tokens"], "seconds": s["train_seconds"], "tokens_per_s": s["tokens_per_s"],
+                     "adapter": os.path.join(out, "final")}
+            else:
+                r, peak = run_measured([sys.executable, __file__, "--worker", "trl", "--dtype", dtype, "--seed",
+                                        str(seed), "--steps", str(args.steps), "--adapter", out, "--variants",
+                                        variant], env, what)
+            q, _ = run_measured([sys.executable, __file__, "--worker", "eval", "--adapter", r["adapter"]], env,
+                                f"eval {what}")
+            results["runs"].append({"stack": stack, "variant": variant, "dtype": dtype, "seed": seed,
+                                    "peak_gib": round(peak, 3), **r, **q, "wall_s": round(time.time() - started, 1),
+                                    "cpu_kind": kind})
+            print(f"  {stack:<8} {variant:<5} {dtype:<8} seed {seed}: {r['tokens_per_s']:6.1f} tokens/s "
+                  f"({r['tokens']} tokens in {r['seconds']:.1f} s), peak {peak:.2f} GiB, eval loss "
+                  f"{q['eval_loss']:.4f}, exact match {q['exact_match']:.1%}  [{kind}]", flush=True)
+            write_results(args.out, results)
+
+    def row(stack, dtype, seed, variant):
+        return next(r for r in results["runs"] if (r["stack"], r["dtype"], r["seed"], r["variant"]) ==
+                    (stack, dtype, seed, variant))
+
+    print(f"\nratios, scalora / TRL, each seed's pair [{kind}]:")
+    for dtype, seed, variant in pairs:
+        a, b = row("scalora", dtype, seed, variant), row("trl", dtype, seed, variant)
+        print(f"  {variant:<5} {dtype:<8} seed {seed}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak "
+              f"memory {a['peak_gib'] / b['peak_gib']:.2f}x, eval loss {a['eval_loss']:.4f} vs {b['eval_loss']:.4f}, "
+              f"exact match {a['exact_match']:.1%} vs {b['exact_match']:.1%}")
+    if len(variants) == 2:
+        print("DoRA's step against LoRA's (LoRA's tokens/s over DoRA's), same run:")
+        for dtype, seed, _ in pairs[::2]:
+            speed = {st: {v: row(st, dtype, seed, v)["tokens_per_s"] for v in variants} for st in ("scalora", "trl")}
+            ratios = ", ".join(f"{st} {v['lora'] / v['dora']:.2f}x" for st, v in speed.items())
+            print(f"  {dtype:<8} seed {seed}: {ratios}")
     write_results(args.out, results)
 
 
