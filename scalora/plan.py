@@ -370,8 +370,9 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
     e.parts["activations"] = activation_bytes(s, run) - loss_bytes(s, st)
     e.parts["loss"] = loss_bytes(s, st)
     working = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
-    if st.use_dora:  # the norm ||W + s B A||: the largest layer de-quantized, B A and their sum, fp32, for a moment
-        working = max(working, 3 * s.largest_quantized * 4)
+    if st.use_dora:  # the norm ||W + s B A||: the largest layer de-quantized to fp32 (a 4-bit base's through its own
+        # dtype) for a moment; the rest is out x r (LoraLayer.dora_norm; B A and W + s B A are no longer made)
+        working = max(working, s.largest_quantized * (4 + (st.compute_bytes if st.compute_bytes < 4 else 0)))
     if not strategy.startswith("zero3"):
         working += recomputed_weight_bytes(s, run)
     if shard_weights and n > 1:  # the gathered decoder layers: the one computing and the one prefetched

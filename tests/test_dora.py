@@ -459,6 +459,46 @@ def test_scalora_train_with_dora(env, tmp_path):
                           what="trained DoRA adapter, scalora vs peft")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_norm_makes_no_weight_sized_tensor(arch):
+    """DoRA's norm ||W + s B A|| per output row from the expanded square (W A^T and A A^T): the fp64 direct
+    computation's values to fp32 rounding of a sum over the row, with the adapter moved well away from zero
+    (||s B A|| about half of ||W|| per row); without the cross term or the s^2 ||B A||^2 term it lies outside. And
+    no operation inside makes an out x in tensor (B A and W + s B A did: three weight-sized fp32 tensors for a
+    moment, W included, where the planner now counts one). GPT-2's Conv1D: W in its (in, out) layout turned."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = scalora.get_peft_model(tiny_model(arch), scalora.LoraConfig(**CFG))
+    layer = next(m for m in model.modules() if isinstance(m, scalora.LoraLayer))
+    w = layer.dense_weight()
+    g = torch.Generator().manual_seed(0)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        a.copy_(torch.randn(a.shape, generator=g))
+        b.copy_(torch.randn(b.shape, generator=g))
+        s = layer.scaling["default"]
+        b.mul_(0.5 * w.norm() / (s * (b @ a).norm()))
+    sizes = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out])
+                         if isinstance(t, torch.Tensor))
+            return out
+
+    with Sizes():
+        norm = layer.dora_norm("default", w)
+    assert sizes and max(sizes) < w.numel(), (max(sizes), tuple(w.shape))
+    w64, a64, b64 = w.double(), a.double(), b.double()
+    exact = torch.linalg.vector_norm(w64 + s * (b64 @ a64), dim=1)
+    no_cross = (w64.norm(dim=1) ** 2 + (s * (b64 @ a64)).norm(dim=1) ** 2).sqrt()
+    no_square = (w64.norm(dim=1) ** 2 + 2 * s * (w64 * (b64 @ a64)).sum(1)).clamp_min(0).sqrt()
+    rtol = rounding_rtol(layer.in_features, depth=2)  # the row sums, then the sum of the three terms
+    assert_rounding_close(norm.double(), exact, rtol, wrong=no_cross, what="norm (wrong: no cross term)")
+    assert_rounding_close(norm.double(), exact, rtol, wrong=no_square, what="norm (wrong: no s^2 ||B A||^2)")
+
+
 def test_norm_follows_adapter_updates_however_made():
     """The norm is computed once per A / B values (the micro-batches of a step and checkpointing's recomputation
     share it), and again after any change: an optimizer step (in place), and a write through `.data` (no version
