@@ -183,13 +183,14 @@ def main() -> None:
                 with open(os.path.join(out, "summary.json")) as f:
                     s = json.load(f)
                 r = {"tokens": s["train_tokens"], "seconds": s["train_seconds"], "tokens_per_s": s["tokens_per_s"],
-                     "adapter": os.path.join(out, "final")}
+                     "adapter": os.path.join(out, "final"), "malloc": s.get("malloc")}
             else:
                 r, peak = run_measured([sys.executable, __file__, "--worker", "trl", "--dtype", dtype, "--seed",
                                         str(seed), "--steps", str(args.steps), "--adapter", out, "--variants",
                                         variant], env, what)
             q, _ = run_measured([sys.executable, __file__, "--worker", "eval", "--adapter", r["adapter"]], env,
                                 f"eval {what}")
+            q.pop("malloc", None)  # the evaluation's allocator: the row's is the training run's
             results["runs"].append({"stack": stack, "variant": variant, "dtype": dtype, "seed": seed,
                                     "peak_gib": round(peak, 3), **r, **q, "wall_s": round(time.time() - started, 1),
                                     "cpu_kind": kind})
