@@ -499,6 +499,41 @@ def test_norm_makes_no_weight_sized_tensor(arch):
     assert_rounding_close(norm.double(), exact, rtol, wrong=no_square, what="norm (wrong: no s^2 ||B A||^2)")
 
 
+@pytest.mark.slow  # inductor compiles the layer's forward and backward (~10-20 s on 2 cores)
+def test_compiled_dora_layer_equals_eager(saved_tiny_models):
+    """A DoRA layer on a 4-bit base under torch.compile (what model.compile does to each decoder layer): the norm
+    computed inside the graph (the cache is for eager), no sparse product (its positions' count is data). Output
+    and the gradients of x, A, B and the magnitude equal eager's to fp32 rounding of the layer's sums; the same A
+    and B as plain LoRA (DoRA's rescaling lost) lie outside."""
+    model = scalora.get_peft_model(load_quantized(saved_tiny_models["llama"], 4), scalora.LoraConfig(**CFG))
+    randomize_dora(model)
+    layer = model.base_model.model.model.layers[0].mlp.gate_proj
+    layer.train()
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]
+
+    def run(fn):
+        x = torch.randn(2, 16, layer.in_features, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        y = fn(x)
+        grads = torch.autograd.grad(y.square().sum(), [x, *params])
+        return [y.detach(), *grads]
+
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = run(layer), run(torch.compile(layer))
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly as a whole
+    plain = _as_lora(model, lambda: load_quantized(saved_tiny_models["llama"], 4))
+    with torch.no_grad():
+        lost = plain.base_model.model.model.layers[0].mlp.gate_proj(
+            torch.randn(2, 16, layer.in_features, generator=torch.Generator().manual_seed(3)))
+    rtol = rounding_rtol(layer.in_features, depth=3)  # the base's and B A's sums, then the backward's
+    assert_rounding_close(compiled[0], eager[0], rtol, wrong=lost, what="compiled DoRA output")
+    for got, want, what in zip(compiled[1:], eager[1:], ("x", "lora_A", "lora_B", "magnitude")):
+        assert_rounding_close(got, want, rtol, what=f"compiled DoRA gradient of {what}")
+
+
 def test_norm_follows_adapter_updates_however_made():
     """The norm is computed once per A / B values (the micro-batches of a step and checkpointing's recomputation
     share it), and again after any change: an optimizer step (in place), and a write through `.data` (no version
