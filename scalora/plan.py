@@ -372,7 +372,8 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
     working = s.largest_quantized * st.compute_bytes if st.bits in (4, 8) else 0.0
     if st.use_dora:  # the norm ||W + s B A||: the largest layer de-quantized to fp32 (a 4-bit base's through its own
         # dtype) for a moment; the rest is out x r (LoraLayer.dora_norm; B A and W + s B A are no longer made)
-        working = max(working, s.largest_quantized * (4 + (st.compute_bytes if st.compute_bytes < 4 else 0)))
+        staged = st.compute_bytes if st.bits == 4 and st.compute_bytes < 4 else 0  # bitsandbytes' own-dtype copy
+        working = max(working, s.largest_quantized * (4 + staged))
     if not strategy.startswith("zero3"):
         working += recomputed_weight_bytes(s, run)
     if shard_weights and n > 1:  # the gathered decoder layers: the one computing and the one prefetched

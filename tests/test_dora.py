@@ -512,8 +512,10 @@ def test_compiled_dora_layer_equals_eager(saved_tiny_models):
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
               layer.lora_magnitude_vector["default"].weight]
 
+    x0 = torch.randn(2, 16, layer.in_features, generator=torch.Generator().manual_seed(3))
+
     def run(fn):
-        x = torch.randn(2, 16, layer.in_features, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        x = x0.clone().requires_grad_()
         y = fn(x)
         grads = torch.autograd.grad(y.square().sum(), [x, *params])
         return [y.detach(), *grads]
@@ -526,8 +528,7 @@ def test_compiled_dora_layer_equals_eager(saved_tiny_models):
     assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly as a whole
     plain = _as_lora(model, lambda: load_quantized(saved_tiny_models["llama"], 4))
     with torch.no_grad():
-        lost = plain.base_model.model.model.layers[0].mlp.gate_proj(
-            torch.randn(2, 16, layer.in_features, generator=torch.Generator().manual_seed(3)))
+        lost = plain.base_model.model.model.layers[0].mlp.gate_proj(x0)
     rtol = rounding_rtol(layer.in_features, depth=3)  # the base's and B A's sums, then the backward's
     assert_rounding_close(compiled[0], eager[0], rtol, wrong=lost, what="compiled DoRA output")
     for got, want, what in zip(compiled[1:], eager[1:], ("x", "lora_A", "lora_B", "magnitude")):
