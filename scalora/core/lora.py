@@ -386,14 +386,18 @@ class _DroppedProduct(torch.autograd.Function):
         # after the forward and fills this tensor again before the layer's backward
         ctx.layer, ctx.weight, ctx.x_shape, ctx.x_dtype = layer, layer.base_layer.weight, x.shape, x.dtype
         ctx.dtype, ctx.base = dtype, base
-        w_t = _transposed(layer.dense_weight(ctx.weight, dtype), dtype)  # (in, out)
+        w = layer.dense_weight(ctx.weight, dtype)  # (out, in)
+        w_t = _transposed(w, dtype)  # (in, out)
         ctx.keep_w = _current_phase() is not None
         ctx.save_for_backward(flat, crow, cols, *((w_t,) if ctx.keep_w else ()))
         d = F.embedding_bag(cols, w_t, crow, mode="sum", per_sample_weights=torch.take(x, flat).to(dtype),
                             include_last_offset=True)  # (tokens, out)
         if not base:
             return d
-        wx = torch.mm(x.reshape(-1, x.shape[-1]), w_t)
+        # x W^T with W as the base's own product reads it (F.linear's (out, in), Conv1D's (in, out)), not with the
+        # transposed copy: the same matmul kernel as LoRA's base product (in bf16 on the AVX2 kind, measured
+        # 480 x 576 by 576 x 1536: 53 ms against 737 ms with the copy; fp32 alike either way)
+        wx = torch.mm(x.reshape(-1, x.shape[-1]), w.t())
         prod = torch.sub(wx, d, out=d)  # W x - W d = W x' / ratio, into d's memory
         bias = getattr(layer.base_layer, "bias", None)
         out = wx if bias is None else wx.add_(bias.to(dtype))
