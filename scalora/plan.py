@@ -374,6 +374,12 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
         # dtype) for a moment; the rest is out x r (LoraLayer.dora_norm; B A and W + s B A are no longer made)
         staged = st.compute_bytes if st.bits == 4 and st.compute_bytes < 4 else 0  # bitsandbytes' own-dtype copy
         working = max(working, s.largest_quantized * (4 + staged))
+        if st.lora_dropout > 0 and st.bits != 8 and st.device == "cpu" and not strategy.startswith("zero3") \
+                and not st.gradient_checkpointing:
+            # the product on the dropped input (`_DroppedProduct`): W de-quantized and its transposed copy, both in
+            # the compute dtype, through the layer's forward (a plain base's W is its weight: the copy only; under
+            # checkpointing the recomputed transposes below count the copy)
+            working = max(working, s.largest_quantized * st.compute_bytes * (2 if st.bits == 4 else 1))
     if not strategy.startswith("zero3"):
         working += recomputed_weight_bytes(s, run)
     if shard_weights and n > 1:  # the gathered decoder layers: the one computing and the one prefetched
