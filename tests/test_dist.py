@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import peft
 import pytest
@@ -236,11 +237,15 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
         (["--config_file", "launch/ddp.yaml"], [f"data.train_file={tmp_path / 'missing.jsonl'}"],  # inputs, once
          ["missing.jsonl' does not exist"]),
     ]
-    for i, (launcher, overrides, messages) in enumerate(cases):
+    def launched(i: int) -> subprocess.CompletedProcess:
+        cmd = _launch_args(*cases[i][0], "-m", "scalora", "train", "configs/tiny.yaml", *DIST, *cases[i][1],
+                           f"train.output_dir={tmp_path / f'run{i}'}")
+        return subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(2) as pool:  # two launches at a time: each is mostly its processes' imports
+        done = list(pool.map(launched, range(len(cases))))
+    for i, ((launcher, overrides, messages), p) in enumerate(zip(cases, done)):
         out = tmp_path / f"run{i}"
-        cmd = _launch_args(*launcher, "-m", "scalora", "train", "configs/tiny.yaml", *DIST, *overrides,
-                           f"train.output_dir={out}")
-        p = subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
         assert p.returncode != 0, launcher
         errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1, (launcher, p.stderr[-3000:])
