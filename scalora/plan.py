@@ -259,12 +259,17 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     return norms + attention + normalized + mlp + lora + dora - inputs
 
 
+def sparse_dropped_product(st: Settings) -> bool:
+    """Whether DoRA's product on the dropped input is the sparse one (scalora/core/lora.py `_DroppedProduct`, which
+    reads W's transposed copy): DoRA with dropout on CPU, not on 8-bit bases, which take the dense product (nor under
+    ZeRO-3, whose sharded weights take it too: the callers' part)."""
+    return st.use_dora and st.lora_dropout > 0 and st.bits != 8 and st.device == "cpu"
+
+
 def recomputed_weight_bytes(s: Shape, st: Settings) -> float:
-    """DoRA with dropout on CPU under checkpointing: the de-quantized transposes of one decoder layer's wrapped
-    weights (compute dtype), which its recomputation hands to its backward (scalora/core/lora.py `_DroppedProduct`;
-    not on 8-bit bases, which take the dense product, nor under ZeRO-3, whose sharded weights take it too)."""
-    if not (st.use_dora and st.lora_dropout > 0 and st.bits != 8 and st.device == "cpu"
-            and st.gradient_checkpointing):
+    """The sparse dropped product under checkpointing: the de-quantized transposes of one decoder layer's wrapped
+    weights (compute dtype), which its recomputation hands to its backward (`sparse_dropped_product`)."""
+    if not (sparse_dropped_product(st) and st.gradient_checkpointing):
         return 0.0
     return s.lora_numel / s.n_layers * st.compute_bytes
 
@@ -374,8 +379,7 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
         # dtype) for a moment; the rest is out x r (LoraLayer.dora_norm; B A and W + s B A are no longer made)
         staged = st.compute_bytes if st.bits == 4 and st.compute_bytes < 4 else 0  # bitsandbytes' own-dtype copy
         working = max(working, s.largest_quantized * (4 + staged))
-        if st.lora_dropout > 0 and st.bits != 8 and st.device == "cpu" and not strategy.startswith("zero3") \
-                and not st.gradient_checkpointing:
+        if sparse_dropped_product(st) and not st.gradient_checkpointing and not strategy.startswith("zero3"):
             # the product on the dropped input (`_DroppedProduct`): W de-quantized and its transposed copy, both in
             # the compute dtype, through the layer's forward (a plain base's W is its weight: the copy only; under
             # checkpointing the recomputed transposes below count the copy)
