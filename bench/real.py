@@ -211,11 +211,11 @@ def main() -> None:
 
     if len(stacks) == 2:
         print(f"\nratios, scalora / TRL, each seed's pair [{kind}]:")
-    for dtype, seed, variant in pairs if len(stacks) == 2 else ():
-        a, b = row("scalora", dtype, seed, variant), row("trl", dtype, seed, variant)
-        print(f"  {variant:<5} {dtype:<8} seed {seed}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak "
-              f"memory {a['peak_gib'] / b['peak_gib']:.2f}x, eval loss {a['eval_loss']:.4f} vs {b['eval_loss']:.4f}, "
-              f"exact match {a['exact_match']:.1%} vs {b['exact_match']:.1%}")
+        for dtype, seed, variant in pairs:
+            a, b = row("scalora", dtype, seed, variant), row("trl", dtype, seed, variant)
+            print(f"  {variant:<5} {dtype:<8} seed {seed}: tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+                  f"peak memory {a['peak_gib'] / b['peak_gib']:.2f}x, eval loss {a['eval_loss']:.4f} vs "
+                  f"{b['eval_loss']:.4f}, exact match {a['exact_match']:.1%} vs {b['exact_match']:.1%}")
     if len(variants) == 2:
         print("DoRA's step against LoRA's (LoRA's tokens/s over DoRA's), same run:")
         for dtype, seed, _ in pairs[::2]:

@@ -237,15 +237,16 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
         (["--config_file", "launch/ddp.yaml"], [f"data.train_file={tmp_path / 'missing.jsonl'}"],  # inputs, once
          ["missing.jsonl' does not exist"]),
     ]
-    def launched(i: int) -> subprocess.CompletedProcess:
-        cmd = _launch_args(*cases[i][0], "-m", "scalora", "train", "configs/tiny.yaml", *DIST, *cases[i][1],
-                           f"train.output_dir={tmp_path / f'run{i}'}")
+    outs = [tmp_path / f"run{i}" for i in range(len(cases))]
+
+    def launched(case, out) -> subprocess.CompletedProcess:
+        cmd = _launch_args(*case[0], "-m", "scalora", "train", "configs/tiny.yaml", *DIST, *case[1],
+                           f"train.output_dir={out}")
         return subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
 
     with ThreadPoolExecutor(2) as pool:  # two launches at a time: each is mostly its processes' imports
-        done = list(pool.map(launched, range(len(cases))))
-    for i, ((launcher, overrides, messages), p) in enumerate(zip(cases, done)):
-        out = tmp_path / f"run{i}"
+        done = list(pool.map(launched, cases, outs))
+    for (launcher, overrides, messages), out, p in zip(cases, outs, done):
         assert p.returncode != 0, launcher
         errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1, (launcher, p.stderr[-3000:])
