@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import peft
 import pytest
@@ -27,7 +26,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import scalora
 from scalora import checkpoint
 
-from helpers import DIST, adapted_logits, assert_runs_agree, free_port, launch, launch_cmd, live_memory_env, losses, run
+from helpers import (DIST, adapted_logits, assert_runs_agree, free_port, launch, launch_cmd, live_memory_env, losses,
+                     run, side_by_side)
 from tolerance import assert_rounding_close, logits_rtol, loss_rtol
 
 pytestmark = pytest.mark.slow  # each test runs the real CLI in subprocesses
@@ -194,8 +194,9 @@ def test_impossible_combinations_are_refused_at_start(env):
     """What a topology cannot run, refused by `scalora train` before it starts the launcher (no process is started);
     the launched processes' own check (`accelerate launch` directly): test_launcher_settings_that_disagree_are_
     refused_before_training (FSDP with an 8-bit base, ZeRO-2 with an 8-bit optimizer)."""
-    p = run(env, "train", "configs/tiny.yaml", *DIST, "train.optimizer=adamw_8bit", "dist.launch_config=launch/zero2.yaml",
-            "dist.num_processes=2", f"train.output_dir={env['root'] / 'dist-bad2'}", check=False)
+    p = run(env, "train", "configs/tiny.yaml", *DIST, "train.optimizer=adamw_8bit",
+            "dist.launch_config=launch/zero2.yaml", "dist.num_processes=2",
+            f"train.output_dir={env['root'] / 'dist-bad2'}", check=False)
     assert p.returncode != 0 and p.stderr.startswith("error: under zero2: train.optimizer=adamw_8bit"), p.stderr
 
 
@@ -244,8 +245,7 @@ def test_launcher_settings_that_disagree_are_refused_before_training(env, tmp_pa
                            f"train.output_dir={out}")
         return subprocess.run(cmd, env=env["env"], capture_output=True, text=True, timeout=600)
 
-    with ThreadPoolExecutor(2) as pool:  # two launches at a time: each is mostly its processes' imports
-        done = list(pool.map(launched, cases, outs))
+    done = side_by_side(*(lambda c=c, o=o: launched(c, o) for c, o in zip(cases, outs)))  # mostly imports each
     for (launcher, overrides, messages), out, p in zip(cases, outs, done):
         assert p.returncode != 0, launcher
         errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
@@ -334,15 +334,17 @@ def test_each_rank_loads_a_fraction_of_the_base(env, layered_base):
             f"data.train_file={topics}", "data.validation_fraction=0", "data.max_eval_generate=0",
             "log.report_to=none"]  # no validation: loading is what is measured
     e = live_memory_env(env)  # freed memory goes back: a live peak
-    out = env["root"] / "layered-single"
-    run(e, "train", *args, f"train.output_dir={out}", "dist.low_memory_loading=false")
-    single = json.loads((out / "summary.json").read_text())
+    outs = {name: env["root"] / f"layered-{name}" for name in ("single", "fsdp", "zero3")}
+    # each run's own peak, the three side by side (two at a time)
+    side_by_side(lambda: run(e, "train", *args, f"train.output_dir={outs['single']}", "dist.low_memory_loading=false"),
+                 *(lambda n=n: launch(e, TOPOLOGIES[n], *args, f"train.output_dir={outs[n]}")
+                   for n in ("fsdp", "zero3")))
+    single = json.loads((outs["single"] / "summary.json").read_text())
     whole = single["loading_model_memory_gb_per_rank"][0]
     checkpoint_gb = os.path.getsize(os.path.join(layered_base, "model.safetensors")) / 2**30
     assert whole > 0.75 * checkpoint_gb  # the packed base and the fp32 checkpoint it came from are in there
     for name in ("fsdp", "zero3"):
-        out = env["root"] / f"layered-{name}"
-        launch(e, TOPOLOGIES[name], *args, f"train.output_dir={out}")
+        out = outs[name]
         summary = json.loads((out / "summary.json").read_text())
         per_rank = summary["loading_model_memory_gb_per_rank"]
         assert len(per_rank) == 2 and max(per_rank) < 0.5 * whole, (name, per_rank, whole)

@@ -179,6 +179,7 @@ class Zygote:
         self.env, self.cwd, self._proc = env, cwd, None
         self._tmp = tempfile.mkdtemp(prefix="zygote-")
         self._n = 0
+        self._lock = threading.Lock()  # one request at a time on the socket: runs may be started from threads
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -188,11 +189,12 @@ class Zygote:
         self._sock, self._stream = ours, ours.makefile("rw")
 
     def _ask(self, req: dict) -> dict:
-        if self._proc is None:
-            self._start()
-        self._stream.write(json.dumps(req) + "\n")
-        self._stream.flush()
-        line = self._stream.readline()
+        with self._lock:
+            if self._proc is None:
+                self._start()
+            self._stream.write(json.dumps(req) + "\n")
+            self._stream.flush()
+            line = self._stream.readline()
         if not line:
             raise RuntimeError(f"the pre-imported interpreter ended ({self._proc.poll()})")
         reply = json.loads(line)
@@ -207,8 +209,10 @@ class Zygote:
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str | None = None,
               script: str | None = None) -> Process:
-        self._n += 1
-        out, err = (os.path.join(self._tmp, f"{self._n}.{s}") for s in ("out", "err"))
+        with self._lock:
+            self._n += 1
+            n = self._n
+        out, err = (os.path.join(self._tmp, f"{n}.{s}") for s in ("out", "err"))
         for path in (out, err):
             open(path, "w").close()
         pid = self._ask({"op": "spawn", "argv": argv, "env": env, "cwd": cwd or os.getcwd(), "stdout": out,
