@@ -383,29 +383,22 @@ def test_dora_and_loraplus_under_zero3(env, reference_dora):
     assert any(not torch.allclose(plus[k], plain[k], rtol=0.1) for k in plus)
 
 
-def test_dora_under_fsdp(env, reference_dora, reference):
-    """DoRA on two processes under FSDP2, which unshards a whole decoder layer for its forward: the magnitudes
-    computed while loading layer by layer, before fully_shard; losses and adapter equal the single-process DoRA run's
-    (the tolerances of the other topology tests); the plain LoRA run's adapter differs from it (it has no
-    magnitudes)."""
-    out = env["root"] / "dist-dora-fsdp"
-    launch(env, TOPOLOGIES["fsdp"], "configs/tiny.yaml", *DIST, "lora.use_dora=true", f"train.output_dir={out}")
-    assert_runs_agree(env, out, reference_dora)
+def test_dora_and_pissa_under_fsdp(env, reference):
+    """DoRA with PiSSA initialisation on two processes under FSDP2, which unshards a whole decoder layer for its
+    forward, in one run: the layer-by-layer loader computes each decoder layer's SVD from the checkpoint's weights once
+    the layer is in (the base becomes the residual W - s B A, quantized to 4-bit), then the layer's magnitudes from
+    that residual and the new A and B, before fully_shard shards it, on every rank alike. Losses and the final adapter
+    (plain LoRA on the original base, rank 2r, with the magnitudes: W + s' B' A' there is the residual + s B A the
+    magnitudes were trained against) equal the single-process run's to the tolerances of the other topology tests; the
+    plain LoRA run's adapter has no magnitudes. (DoRA alone and PiSSA alone ran as separate launches until the two
+    were one, for the suite's time.)"""
+    both = ["lora.use_dora=true", "lora.init_lora_weights=pissa"]
+    reference_both = _single_run(env, "dora-pissa", *both)
+    out = env["root"] / "dist-dora-pissa-fsdp"
+    launch(env, TOPOLOGIES["fsdp"], "configs/tiny.yaml", *DIST, *both, f"train.output_dir={out}")
+    assert_runs_agree(env, out, reference_both)
     from helpers import adapter
 
-    assert any(k.endswith("lora_magnitude_vector") for k in adapter(out))
-    plain = adapter(reference)
-    assert set(adapter(reference_dora)) - set(plain)  # the magnitudes: what plain LoRA has not
-
-
-def test_pissa_under_fsdp(env):
-    """PiSSA initialisation (the base becomes the residual W - s B A, quantized to 4-bit) under FSDP2: the
-    layer-by-layer loader computes each decoder layer's SVD from the checkpoint's weights once the layer is in, before
-    fully_shard shards it, on every rank alike. Losses and the final adapter (plain LoRA on the original base, rank 2r)
-    equal the single-process PiSSA run's to the tolerances of the other topology tests."""
-    reference_pissa = _single_run(env, "pissa", "lora.init_lora_weights=pissa")
-    out = env["root"] / "dist-pissa-fsdp"
-    launch(env, TOPOLOGIES["fsdp"], "configs/tiny.yaml", *DIST, "lora.init_lora_weights=pissa",
-           f"train.output_dir={out}")
-    assert_runs_agree(env, out, reference_pissa)
     assert json.loads((out / "final" / "adapter_config.json").read_text())["r"] == 32
+    magnitudes = {k for k in adapter(out) if k.endswith("lora_magnitude_vector")}
+    assert magnitudes and not magnitudes & set(adapter(reference))
