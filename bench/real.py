@@ -21,12 +21,14 @@ the answers, and exact match of greedy answers. Two seeds give the run-to-run no
 `--variants lora,dora`: each pair once with plain LoRA and once with DoRA (scalora's `lora.use_dora=true`, TRL's
 `LoraConfig(use_dora=True)`), interleaved, so that DoRA's step against LoRA's is measured in the same run too.
 `--stacks scalora`: scalora's runs alone (TRL's DoRA takes ~80 min for 30 steps on 2 cores), e.g. more seeds of
-DoRA against LoRA.
+DoRA against LoRA. `--interleaved`: scalora's LoRA and DoRA models in one process, their optimizer steps alternated
+on the same two micro-batches (a shared machine's slow minutes hit both; no first steps' set-up in the ratio).
 
     .venv/bin/python bench/real.py                         # fp32 and bf16, seeds 42 and 43, 30 steps
     .venv/bin/python bench/real.py --dtypes bfloat16 --seeds 42
     .venv/bin/python bench/real.py --dtypes float32 --seeds 42 --variants lora,dora
     .venv/bin/python bench/real.py --dtypes float32 --seeds 42,43,44 --variants lora,dora --stacks scalora --steps 12
+    .venv/bin/python bench/real.py --interleaved --dtypes float32 --seeds 42 --steps 7
 """
 
 from __future__ import annotations
@@ -133,6 +135,49 @@ def worker_eval(adapter: str) -> None:
 
 
 # --- the driver ----------------------------------------------------------------------------------------------------
+def worker_interleaved(dtype: str, seed: int, steps: int) -> None:
+    """scalora's LoRA and DoRA models of the job in one process, their optimizer steps alternated (LoRA, DoRA, LoRA,
+    ...), each step the job's two micro-batches of 8 (the first 16 training examples, the same for both): what a
+    shared machine's slow minutes do to one command and not the other hits both here. Times each step after the
+    first of each model; prints the median ratio and each pair's."""
+    import statistics
+
+    import torch
+
+    from scalora import attention
+    from scalora.data import build_datasets, collate, needs_block_mask
+    from scalora.loss import token_loss_sum
+    from scalora.model import build_model
+
+    models = {}
+    for variant in ("lora", "dora"):
+        cfg = _cfg([f"model.dtype={dtype}", f"lora.use_dora={variant == 'dora'}", f"train.seed={seed}",
+                    "log.report_to=none"])
+        torch.manual_seed(seed)
+        model, tok, _ = build_model(cfg)
+        model.train()
+        examples = build_datasets(cfg.data, tok, cfg.train.seed).train
+        attn = model.config._attn_implementation
+        micro = cfg.train.micro_batch_size
+        batches = [collate(examples[i:i + micro], tok.pad_token_id, block_mask=needs_block_mask(attn),
+                           segment_ids=attn == attention.NAME) for i in range(0, cfg.train.global_batch_size, micro)]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+        models[variant] = (model, batches, opt, cfg.train.chunked_loss)
+    times = {v: [] for v in models}
+    for _ in range(steps + 1):
+        for variant, (model, batches, opt, chunked) in models.items():
+            started = time.perf_counter()
+            for batch in batches:
+                token_loss_sum(model, batch, chunked).backward()
+            opt.step()
+            opt.zero_grad()
+            times[variant].append(time.perf_counter() - started)
+    lora, dora = times["lora"][1:], times["dora"][1:]
+    emit_result({"lora_s": statistics.median(lora), "dora_s": statistics.median(dora),
+                 "ratio": statistics.median(dora) / statistics.median(lora),
+                 "pairs": [round(d / l, 3) for l, d in zip(lora, dora)]})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -140,7 +185,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "real.json"))
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/scalora/bench/real"))
-    ap.add_argument("--worker", choices=["trl", "eval"])
+    ap.add_argument("--worker", choices=["trl", "eval", "interleaved"])
+    ap.add_argument("--interleaved", action="store_true",
+                    help="scalora's LoRA and DoRA steps alternated in one process instead (no TRL, no evaluation)")
     ap.add_argument("--dtype")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--adapter")
@@ -156,6 +203,8 @@ def main() -> None:
         return worker_trl(args.dtype, args.seed, args.steps, args.adapter, "dora" in variants)
     if args.worker == "eval":
         return worker_eval(args.adapter)
+    if args.worker == "interleaved":
+        return worker_interleaved(args.dtype, args.seed, args.steps)
     if not os.path.isfile(SMOLLM2):
         sys.exit(f"{SMOLLM2} is missing: run `make fetch-smollm2` first")
 
@@ -172,6 +221,19 @@ def main() -> None:
     if capped:  # a lower kind's kernels on this CPU: it stands in for that kind, it is not that kind
         kind += f" with {', '.join(capped)}"
     results = {"cpu_kind": kind, "steps": args.steps, "command": " ".join(sys.argv), "runs": []}
+    if args.interleaved:  # the allocator the command runs with (scalora/malloc.py), as its runs below have it
+        from scalora import malloc
+
+        for dtype in args.dtypes.split(","):
+            for seed in map(int, args.seeds.split(",")):
+                r, peak = run_measured([sys.executable, __file__, "--worker", "interleaved", "--dtype", dtype,
+                                        "--seed", str(seed), "--steps", str(args.steps)], malloc.preload_env(env),
+                                       f"interleaved {dtype} {seed}")
+                results["runs"].append({"dtype": dtype, "seed": seed, **r, "cpu_kind": kind})
+                print(f"  {dtype:<8} seed {seed}: LoRA {r['lora_s']:.2f} s, DoRA {r['dora_s']:.2f} s per step "
+                      f"(medians of {args.steps}): DoRA/LoRA {r['ratio']:.3f}x, pairs "
+                      f"{' '.join(f'{x:.2f}' for x in r['pairs'])}  [{kind}]", flush=True)
+        return write_results(args.out.replace(".json", "-interleaved.json"), results)
     pairs = [(d, seed, v) for d in args.dtypes.split(",") for seed in map(int, args.seeds.split(",")) for v in variants]
     print(f"CPU kind: {kind}; {args.steps} steps per run", flush=True)
     for dtype, seed, variant in pairs:
