@@ -34,10 +34,11 @@ def run(env, *args, check=True, timeout=600):
 def side_by_side(*calls):
     """The zero-argument `calls` (each starting processes of its own and waiting for them) run two at a time; their
     results in order, the first exception raised again. Processes started afresh side by side overlap their imports
-    and waits on 2 cores; each keeps its own peak memory and numbers (the tests that measure those read them per run).
-    Measured [avx2]: three fresh runs 43.5 -> 34.2 s, four refused launches 38.0 -> 27.8 s; a forked run (already
-    imported, all compute) beside a launch gained nothing, and runs that are mostly training lose (test_plan's six
-    measured runs: 153 -> 224 s, two threads each on 2 cores): those stay one after the other."""
+    and waits on 2 cores; each keeps its own peak memory and numbers (the tests that measure those read them per
+    run). Measured [avx2]: three fresh runs 49.5 / 50.6 -> 38.1 / 39.0 s (A/B alternated), four refused launches
+    38.0 -> 27.8 s; a forked run (already imported, all compute) beside a launch gained nothing, and runs that are
+    mostly training lose (test_plan's six measured runs: 153 -> 224 s, two threads each on 2 cores): those stay one
+    after the other."""
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(c) for c in calls]
         return [f.result() for f in futures]
