@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "scalora"
 
 
@@ -24,6 +26,7 @@ def test_core_imports_nothing_from_the_orchestrator_statically():
     assert len(list((PACKAGE / "core").glob("*.py"))) >= 6
 
 
+@pytest.mark.slow  # a fresh interpreter: ~6 s of torch's, transformers' and peft's imports [avx2]
 def test_the_peft_workflow_loads_the_core_alone():
     """`from scalora import get_peft_model, ...` and using it loads no orchestrator module."""
     code = ("import sys, torch\n"
