@@ -259,17 +259,18 @@ def layer_activation_bytes_per_token(s: Shape, st: Settings) -> float:
     return norms + attention + normalized + mlp + lora + dora - inputs
 
 
-def sparse_dropped_product(st: Settings) -> bool:
+def sparse_dropped_product(st: Settings, strategy: str = "single") -> bool:
     """Whether DoRA's product on the dropped input is the sparse one (scalora/core/lora.py `_DroppedProduct`, which
-    reads W's transposed copy): DoRA with dropout on CPU, not on 8-bit bases, which take the dense product (nor under
-    ZeRO-3, whose sharded weights take it too: the callers' part)."""
-    return st.use_dora and st.lora_dropout > 0 and st.bits != 8 and st.device == "cpu"
+    reads W's transposed copy): DoRA with dropout on CPU, not on 8-bit bases nor under ZeRO-3 (`strategy`), whose
+    sharded weights take the dense product."""
+    return st.use_dora and st.lora_dropout > 0 and st.bits != 8 and st.device == "cpu" \
+        and not strategy.startswith("zero3")
 
 
-def recomputed_weight_bytes(s: Shape, st: Settings) -> float:
+def recomputed_weight_bytes(s: Shape, st: Settings, strategy: str = "single") -> float:
     """The sparse dropped product under checkpointing: the de-quantized transposes of one decoder layer's wrapped
     weights (compute dtype), which its recomputation hands to its backward (`sparse_dropped_product`)."""
-    if not (sparse_dropped_product(st) and st.gradient_checkpointing):
+    if not (sparse_dropped_product(st, strategy) and st.gradient_checkpointing):
         return 0.0
     return s.lora_numel / s.n_layers * st.compute_bytes
 
@@ -379,13 +380,12 @@ def estimate(s: Shape, st: Settings, strategy: str, devices: int = 1) -> Estimat
         # dtype) for a moment; the rest is out x r (LoraLayer.dora_norm; B A and W + s B A are no longer made)
         staged = st.compute_bytes if st.bits == 4 and st.compute_bytes < 4 else 0  # bitsandbytes' own-dtype copy
         working = max(working, s.largest_quantized * (4 + staged))
-        if sparse_dropped_product(st) and not st.gradient_checkpointing and not strategy.startswith("zero3"):
+        if sparse_dropped_product(st, strategy) and not st.gradient_checkpointing:
             # the product on the dropped input (`_DroppedProduct`): W de-quantized and its transposed copy, both in
             # the compute dtype, through the layer's forward (a plain base's W is its weight: the copy only; under
             # checkpointing the recomputed transposes below count the copy)
             working = max(working, s.largest_quantized * st.compute_bytes * (2 if st.bits == 4 else 1))
-    if not strategy.startswith("zero3"):
-        working += recomputed_weight_bytes(s, run)
+    working += recomputed_weight_bytes(s, run, strategy)
     if shard_weights and n > 1:  # the gathered decoder layers: the one computing and the one prefetched
         per_layer = (shardable - s.dense_params * st.compute_bytes) / s.n_layers
         working += 2 * per_layer + 2 * s.lora_params / s.n_layers * st.lora_bytes
