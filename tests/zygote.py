@@ -22,6 +22,7 @@ it the same way); both are checked before each fork, since forking a busy thread
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -178,7 +179,7 @@ class Zygote:
     def __init__(self, env: dict[str, str], cwd: str):
         self.env, self.cwd, self._proc = env, cwd, None
         self._tmp = tempfile.mkdtemp(prefix="zygote-")
-        self._n = 0
+        self._n = itertools.count(1)  # output file numbers (next() on it is atomic: runs may be started from threads)
         self._lock = threading.Lock()  # one request at a time on the socket: runs may be started from threads
 
     def _start(self) -> None:
@@ -209,9 +210,7 @@ class Zygote:
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str | None = None,
               script: str | None = None) -> Process:
-        with self._lock:
-            self._n += 1
-            n = self._n
+        n = next(self._n)
         out, err = (os.path.join(self._tmp, f"{n}.{s}") for s in ("out", "err"))
         for path in (out, err):
             open(path, "w").close()
