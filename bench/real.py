@@ -149,18 +149,19 @@ def worker_interleaved(dtype: str, seed: int, steps: int) -> None:
     from scalora.loss import token_loss_sum
     from scalora.model import build_model
 
-    models = {}
+    models, batches = {}, None
     for variant in ("lora", "dora"):
         cfg = _cfg([f"model.dtype={dtype}", f"lora.use_dora={variant == 'dora'}", f"train.seed={seed}",
                     "log.report_to=none"])
         torch.manual_seed(seed)
         model, tok, _ = build_model(cfg)
         model.train()
-        examples = build_datasets(cfg.data, tok, cfg.train.seed).train
-        attn = model.config._attn_implementation
-        micro = cfg.train.micro_batch_size
-        batches = [collate(examples[i:i + micro], tok.pad_token_id, block_mask=needs_block_mask(attn),
-                           segment_ids=attn == attention.NAME) for i in range(0, cfg.train.global_batch_size, micro)]
+        if batches is None:  # one tokenizer, one data set: the same batches for both
+            examples = build_datasets(cfg.data, tok, cfg.train.seed).train
+            attn, micro = model.config._attn_implementation, cfg.train.micro_batch_size
+            batches = [collate(examples[i:i + micro], tok.pad_token_id, block_mask=needs_block_mask(attn),
+                               segment_ids=attn == attention.NAME)
+                       for i in range(0, cfg.train.global_batch_size, micro)]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
         models[variant] = (model, batches, opt, cfg.train.chunked_loss)
     times = {v: [] for v in models}
@@ -226,9 +227,9 @@ def main() -> None:
 
         for dtype in args.dtypes.split(","):
             for seed in map(int, args.seeds.split(",")):
-                r, peak = run_measured([sys.executable, __file__, "--worker", "interleaved", "--dtype", dtype,
-                                        "--seed", str(seed), "--steps", str(args.steps)], malloc.preload_env(env),
-                                       f"interleaved {dtype} {seed}")
+                r, _ = run_measured([sys.executable, __file__, "--worker", "interleaved", "--dtype", dtype, "--seed",
+                                     str(seed), "--steps", str(args.steps)], malloc.preload_env(env),
+                                    f"interleaved {dtype} {seed}")  # (one process's peak holds both models)
                 results["runs"].append({"dtype": dtype, "seed": seed, **r, "cpu_kind": kind})
                 print(f"  {dtype:<8} seed {seed}: LoRA {r['lora_s']:.2f} s, DoRA {r['dora_s']:.2f} s per step "
                       f"(medians of {args.steps}): DoRA/LoRA {r['ratio']:.3f}x, pairs "
