@@ -164,12 +164,16 @@ def worker_interleaved(dtype: str, seed: int, steps: int) -> None:
                        for i in range(0, cfg.train.global_batch_size, micro)]
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
         models[variant] = (model, batches, opt, cfg.train.chunked_loss)
+    # bf16 as the command runs it: accelerate's mixed precision wraps the forward in autocast (backward outside)
+    autocast = torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32")
     times = {v: [] for v in models}
     for _ in range(steps + 1):
         for variant, (model, batches, opt, chunked) in models.items():
             started = time.perf_counter()
             for batch in batches:
-                token_loss_sum(model, batch, chunked).backward()
+                with autocast:
+                    loss = token_loss_sum(model, batch, chunked)
+                loss.backward()
             opt.step()
             opt.zero_grad()
             times[variant].append(time.perf_counter() - started)

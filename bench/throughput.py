@@ -88,8 +88,10 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     "scalora-keep-pad": ("scalora", KEEP), "scalora-dora-keep-pad": ("scalora", KEEP + DORA),
     # the peft loop in bf16 as TRL / the Trainer run it with bf16=True on a CPU: the base loaded and computed in bf16,
     # the forward under torch.autocast(bf16), peft's adapters in fp32; scalora's bf16 rows are scalora-pad and
-    # scalora-dora-pad (model.dtype auto on AMX CPUs), or add model.dtype=bfloat16 elsewhere
+    # scalora-dora-pad (model.dtype auto on AMX CPUs), or scalora's *-bf16 stacks, bf16 whatever the CPU kind
     "peft-bf16": ("peft", ["model.dtype=bfloat16"]), "peft-dora-bf16": ("peft", DORA + ["model.dtype=bfloat16"]),
+    "scalora-pad-bf16": ("scalora", ["model.dtype=bfloat16"]),
+    "scalora-dora-pad-bf16": ("scalora", DORA + ["model.dtype=bfloat16"]),
 }
 LORA = dict(r=16, alpha=32, dropout=0.05)
 LR = 2e-4

@@ -397,12 +397,14 @@ class _DroppedProduct(torch.autograd.Function):
         # x W^T with W as the base's own product reads it (F.linear's (out, in), Conv1D's (in, out)), not with the
         # transposed copy: the same matmul kernel as LoRA's base product (in bf16 on the AVX2 kind, measured
         # 480 x 576 by 576 x 1536: 53 ms against 737 ms with the copy; fp32 alike either way)
-        wx = torch.mm(x.reshape(-1, x.shape[-1]), w.t())
+        wx = torch.mm(x.reshape(-1, x.shape[-1]).to(dtype), w.t())
         prod = torch.sub(wx, d, out=d)  # W x - W d = W x' / ratio, into d's memory
         bias = getattr(layer.base_layer, "bias", None)
         out = wx if bias is None else wx.add_(bias.to(dtype))
         shape = (*x.shape[:-1], out.shape[-1])
-        return out.view(shape), prod.view(shape)
+        # the base's output in x's dtype, as a 4-bit layer returns it (an fp32 x under bf16 autocast); W x' in the
+        # compute dtype, as peft's F.linear under autocast gives it
+        return out.view(shape).to(x.dtype), prod.view(shape)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -590,8 +592,9 @@ class LoraLayer(Wrapper):
         computes it from the W it de-quantizes for its sparse product: the one active adapter is DoRA with dropout
         drawn on CPU, the base an `nn.Linear`, `Conv1D` or 4-bit layer (their output W x + bias, the 4-bit one's
         in x's dtype as its compute dtype) that `_sparse_dropped_ok` admits, called with no hooks, x in the
-        adapter's dtype or, under autocast, in the autocast dtype (the products then in it, as the base's own), and
-        its output not kept for a recomputation (keep_base_outputs)."""
+        adapter's dtype or, under autocast, in the autocast dtype (the products then in it, as the base's own; a
+        4-bit base's compute dtype the autocast dtype, x in any float dtype: converted to it, the output in x's, as
+        bitsandbytes' layer does), and its output not kept for a recomputation (keep_base_outputs)."""
         names = [n for n in self.active_adapters if n in self.lora_A]
         if len(names) != 1 or names[0] not in self.lora_magnitude_vector or names[0] in self.dora_pending:
             return False
@@ -602,9 +605,12 @@ class LoraLayer(Wrapper):
         if not (type(base) is nn.Linear or quant.is_conv1d(base) or quant.is_4bit(base)):
             return False
         compute = getattr(base, "compute_dtype", None) or x.dtype if quant.is_4bit(base) else base.weight.dtype
-        wanted = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else \
-            self.lora_A[names[0]].weight.dtype
-        return compute == x.dtype == wanted and _keeping_phase() is None and not (
+        autocast = torch.is_autocast_enabled("cpu")
+        wanted = torch.get_autocast_dtype("cpu") if autocast else self.lora_A[names[0]].weight.dtype
+        # a 4-bit base under autocast takes x in any float dtype: it computes in its compute dtype and returns x's
+        # (an fp32 x where the k-bit preparation keeps the norms before q/k/v and gate/up in fp32)
+        x_ok = x.dtype == compute or quant.is_4bit(base) and autocast and x.is_floating_point()
+        return compute == wanted and x_ok and _keeping_phase() is None and not (
                 base._forward_hooks or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
                 or nn.modules.module._global_forward_pre_hooks) and self._sparse_dropped_ok(x, x)
 
@@ -637,8 +643,10 @@ class LoraLayer(Wrapper):
             coef = (scale - 1) * factor
             if sparse is not None and (d is not None or self._sparse_dropped_ok(result, h)):
                 x, mask = sparse
-                if d is None:
-                    d = _DroppedProduct.apply(x, *mask.index(), self, result.dtype, False)
+                if d is None:  # in the autocast dtype where it is on, as peft's F.linear (a 4-bit base's output
+                    # is in x's dtype, an fp32 x's where the k-bit preparation keeps the norms in fp32)
+                    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else result.dtype
+                    d = _DroppedProduct.apply(x, *mask.index(), self, dtype, False)
                     prod = (result if bias is None else result - bias) - d.view(result.shape)
                 else:  # W x - W d already
                     prod = d
@@ -730,8 +738,9 @@ class LoraLayer(Wrapper):
                     a = None
                 d = None
                 if result is None:  # deferred: computed here with the product on the dropped input, if any
-                    if mask is not None:
-                        result, d = _DroppedProduct.apply(x, *mask.index(), self, x.dtype, True)
+                    if mask is not None:  # the products in the compute dtype (`_base_deferred`)
+                        compute = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+                        result, d = _DroppedProduct.apply(x, *mask.index(), self, compute, True)
                     else:
                         result = self._base_output("base", x)
                 if result.shape != out_shape:
