@@ -188,7 +188,7 @@ def test_fast_dropout_keeps_torch_dropout_distribution():
 
     torch.manual_seed(0)
     x = torch.randn((1 << 22) + 3) + 3  # no zeros of its own; not a multiple of 4
-    for p in (0.05, 0.1, 0.5):
+    for p in (0.05, 0.1, 0.3, 0.5):  # below 0.15 drawn as positions (test_fast_dropout_positions_are_a_bernoulli_draw)
         drop = FastDropout(p).train()
         assert abs(drop.p_drawn - p) <= 2**-17
         y = drop(x)
@@ -237,6 +237,13 @@ def test_fast_dropout_positions_are_a_bernoulli_draw():
         assert abs(gaps.float().mean().item() - 1 / p) < 5 * ((1 - p) / p**2 / gaps.numel()) ** 0.5, p
     h, factor, keep, flat = FastDropout(1.0).train().drop_at_positions(x)
     assert torch.equal(h, torch.zeros_like(x)) and not keep.any() and flat.numel() == x.numel()
+    for p in (0.05, 0.1, 0.3):  # LoRA's masks (`drop`) are drawn this way below POSITIONS_BELOW, the same draws
+        drop = FastDropout(p).train()
+        torch.manual_seed(5)
+        h, factor = drop.drop(x[:4099])
+        torch.manual_seed(5)
+        same = torch.equal(h, drop.drop_at_positions(x[:4099])[0])
+        assert same == (p < FastDropout.POSITIONS_BELOW) and factor == 1 / (1 - drop.p_drawn), p
     w = torch.randn(64, 16, requires_grad=True)
     drop = FastDropout(0.2).train()
     grads = []
