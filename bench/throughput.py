@@ -18,10 +18,11 @@ on, same thread count. The data set has variable lengths (log-normal, median ~90
 max_length): the baselines pad each micro-batch to its longest example, as DataCollatorForSeq2Seq does; scalora runs
 once the same way (`pad`) and once packed (`pack`, its data.packing). scalora's stacks run with the allocator the
 `scalora` command preloads (TBB's), the others with glibc's malloc, as each one's users run them. Stacks beyond the
-default three (`--stacks`): DoRA (`scalora-dora-*`, `peft-dora`), fp32 scalora (`*-fp32`), the peft loop in bf16
-(`peft-bf16`, `peft-dora-bf16`), and the levers' ablations (STACKS below). Reported: useful (non-padding) tokens per
-second after a warm-up step, the training peak (resident memory after the model has loaded; CUDA max allocated on a
-GPU), the step's matmul FLOPs over the machine's measured matmul peak, and a profile summary of one scalora step.
+default three (`--stacks`): DoRA (`scalora-dora-*`, `peft-dora`), fp32 scalora (`*-fp32`), bf16 scalora on any CPU
+kind (`scalora-pad-bf16`, `scalora-dora-pad-bf16`), the peft loop in bf16 (`peft-bf16`, `peft-dora-bf16`), and the
+levers' ablations (STACKS below). Reported: useful (non-padding) tokens per second after a warm-up step, the
+training peak (resident memory after the model has loaded; CUDA max allocated on a GPU), the step's matmul FLOPs
+over the machine's measured matmul peak, and a profile summary of one scalora step.
 Results go to bench/results/throughput.json and a table on stdout; BENCHMARKS.md summarizes a run.
 """
 

@@ -132,9 +132,9 @@ class TrainConfig:
         "auto", "compute the output head and the loss chunk by chunk, never the whole micro-batch's logits; auto: "
         "where those would pass 256 MiB (large vocabularies; measured faster there too, BENCHMARKS.md); liger: "
         "liger-kernel's fused linear cross-entropy (CUDA)")
-    fast_dropout: bool = _f(True, "CPU: LoRA dropout masks drawn as 16-bit random integers, torch's dropout's "
-                            "distribution with p resolved to 2^-16, at ~0.6x its cost; false: torch's dropout "
-                            "(peft's masks from the same seed)")
+    fast_dropout: bool = _f(True, "CPU: LoRA dropout masks drawn as 16-bit random integers (below p = 0.15 as "
+                            "the dropped positions), torch's dropout's distribution with p resolved to 2^-16, at "
+                            "~0.6x its cost; false: torch's dropout (peft's masks from the same seed)")
     fused_lora: bool = _f(True, "LoRA's scalars on lora_A's r columns, lora_B's matmul adding into the base "
                           "output (in place where nothing else holds it), and with shared_dropout q/k/v's "
                           "(gate/up's) lora_A as one matmul: the same sum in fewer passes, rounded differently; "
