@@ -142,10 +142,13 @@ def test_kept_outputs_counted(untrained_base, monkeypatch, dora):
 
 
 
-def test_recomputed_weights_counted(untrained_base, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_recomputed_weights_counted(untrained_base, monkeypatch, dtype):
     """DoRA with dropout under checkpointing: the de-quantized transposes that a decoder layer's recomputation hands
     to its backward (`_DroppedProduct`), recorded per recomputation, add up to what the planner counts, to the
-    byte (every product inside a checkpointed call); without checkpointing the planner counts none."""
+    byte (every product inside a checkpointed call); without checkpointing the planner counts none. In bf16 (under
+    autocast, as the run computes) every transpose is bf16, also for q/k/v and gate/up, whose input the fp32 norms
+    give in fp32 (they were fp32 there before: more than the planner counted)."""
     from scalora.core import lora
     from scalora.data import build_datasets, collate
     from scalora.loss import token_loss_sum
@@ -162,13 +165,16 @@ def test_recomputed_weights_counted(untrained_base, monkeypatch):
         return out
 
     monkeypatch.setattr(lora, "_transposed", recording)
-    cfg = _cfg(untrained_base, "data.max_length=64", "lora.use_dora=true", "lora.lora_dropout=0.1")
+    cfg = _cfg(untrained_base, "data.max_length=64", "lora.use_dora=true", "lora.lora_dropout=0.1",
+               f"model.dtype={dtype}")
     model, tok, _ = build_model(cfg)
     model.train()
     batch = collate(build_datasets(cfg.data, tok, 0).train[:2], tok.pad_token_id)
-    token_loss_sum(model, batch).backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        loss = token_loss_sum(model, batch)
+    loss.backward()
     shape = P.model_shape(untrained_base, cfg.lora.target_modules, None, cfg.lora.r, use_dora=True)
-    st = P.Settings(device="cpu", compute_bytes=4, lora_dropout=0.1, use_dora=True)
+    st = P.Settings(device="cpu", compute_bytes=4 if dtype == "float32" else 2, lora_dropout=0.1, use_dora=True)
     recomputed = [n for (_, again), n in made.items() if again]
     assert len(recomputed) == shape.n_layers and all(phase is not None for phase, _ in made)
     assert max(recomputed) == P.recomputed_weight_bytes(shape, st) > 0
