@@ -40,8 +40,8 @@ class ModelConfig:
     revision: Optional[str] = _f(None, "hub revision")
     trust_remote_code: bool = _f(False, "run the model repository's own code (only for repositories you trust)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
-        "auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on other GPUs; on CPUs bf16 with AMX for hidden "
-        "size >= 512, else fp32 (measured: scalora/hardware.py)")
+        "auto", "compute dtype; auto: bf16 on GPUs that have it, fp16 on other GPUs; on CPUs bf16 with AMX or with "
+        "AMD's AVX512-BF16 for hidden size >= 512, else fp32 (measured: scalora/hardware.py)")
     gradient_checkpointing: bool = _f(True, "recompute activations in backward (non-reentrant)")
     keep_base_outputs: bool = _f(False, "4-bit bases with gradient checkpointing: keep each LoRA layer's base "
                                  "output from the forward instead of recomputing it in "

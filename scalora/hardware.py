@@ -8,7 +8,8 @@ checkpoint was computed in (scalora.train.kept_compute_dtype). The kinds (`cpu_k
 
 - AMX (Intel Xeon): bf16 from hidden size 512. A 2048 x 2048 bf16 matmul runs 6.2-6.5x fp32, but a step gains only
   where the matmuls outweigh bf16's casts and the size-independent work.
-- AVX512-BF16 without AMX on AMD EPYC: bf16 from hidden size 576, the one size measured there (1.42x).
+- AVX512-BF16 without AMX on AMD EPYC: bf16 from hidden size 512 (a Zen 5: 1.18x at 256, 1.52x at 512; a Zen 4:
+  1.42x at 576, smaller sizes not measured there).
 - AVX512-BF16 without AMX on Intel: fp32 (measured only on a Xeon with AMX turned off in oneDNN: bf16 slower).
 - AVX2 without AVX512-BF16: fp32 (bf16 about 25x slower).
 - AVX-512 without AVX512-BF16, no AVX2, or AVX512-BF16 of an unknown vendor: fp32, and the reason says that bf16
@@ -82,12 +83,13 @@ def cpu_kind(features: dict[str, Any]) -> str:
 # on: bf16 / fp32 useful tokens/s of whole QLoRA steps (4-bit NF4 base, LoRA r=16 on all linear layers, gradient
 # checkpointing, 2 threads, bench/dtype.py), with the CPU each was measured on. A kind absent here was never
 # measured: fp32, and the reason says so.
-BF16_MIN_HIDDEN = {"amx": 512, "avx512_bf16-amd": 576, "avx512_bf16-intel": None, "avx2": None}
+BF16_MIN_HIDDEN = {"amx": 512, "avx512_bf16-amd": 512, "avx512_bf16-intel": None, "avx2": None}
 MEASURED = {
     "amx": "bf16 / fp32 steps 0.88x at hidden 256, 1.18x at 512, 1.21x at 768 (Intel Xeon with AMX, 2026-11-25)",
-    # only the real model's shape was measured on this kind: smaller models stay on fp32 until measured
+    # from 512 (not 256, where the AMX kind lost): a Zen 5 measured faster from 256, a Zen 4 only at 576
     "avx512_bf16-amd": "bf16 / fp32 steps 1.42x on SmolLM2-135M, hidden 576 (AMD EPYC with AVX512-BF16, no AMX, "
-                       "2026-12-02); smaller hidden sizes not measured on this kind",
+                       "a Zen 4, 2026-12-02); 1.18x at hidden 256 and 1.52x at 512 (a Zen 5, 2026-12-04); hidden "
+                       "512 not measured on a Zen 4",
     "avx512_bf16-intel": "bf16 / fp32 steps 0.46x at hidden 256, 0.63x at 512, 0.72x at 576 (an Intel Xeon with AMX "
                          "turned off in oneDNN, ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, standing in for this kind, "
                          "2026-12-02)",
