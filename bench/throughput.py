@@ -78,7 +78,8 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     # DoRA (lora.use_dora): scalora's against its own LoRA step and against the peft loop with use_dora=True
     "scalora-dora-pad": ("scalora", DORA), "scalora-dora-pack": ("scalora", PACK + DORA),
     "peft-dora": ("peft", DORA),
-    # the same in fp32, the dtype of the peft loop on a CPU (model.dtype auto picks bf16 on AMX CPUs from hidden 512)
+    # the same in fp32, the dtype of the peft loop on a CPU (model.dtype auto picks bf16 on AMX and AMD AVX512-BF16
+    # CPUs from hidden 512)
     "scalora-pad-fp32": ("scalora", ["model.dtype=float32"]),
     "scalora-dora-pad-fp32": ("scalora", DORA + ["model.dtype=float32"]),
     "scalora-dora-pack-fp32": ("scalora", PACK + DORA + ["model.dtype=float32"]),
@@ -89,7 +90,8 @@ STACKS = {  # name: (which loop, run-config overrides on top of the shared setti
     "scalora-keep-pad": ("scalora", KEEP), "scalora-dora-keep-pad": ("scalora", KEEP + DORA),
     # the peft loop in bf16 as TRL / the Trainer run it with bf16=True on a CPU: the base loaded and computed in bf16,
     # the forward under torch.autocast(bf16), peft's adapters in fp32; scalora's bf16 rows are scalora-pad and
-    # scalora-dora-pad (model.dtype auto on AMX CPUs), or scalora's *-bf16 stacks, bf16 whatever the CPU kind
+    # scalora-dora-pad (model.dtype auto on AMX and AMD AVX512-BF16 CPUs), or scalora's *-bf16 stacks, bf16 on any
+    # CPU kind
     "peft-bf16": ("peft", ["model.dtype=bfloat16"]), "peft-dora-bf16": ("peft", DORA + ["model.dtype=bfloat16"]),
     "scalora-pad-bf16": ("scalora", ["model.dtype=bfloat16"]),
     "scalora-dora-pad-bf16": ("scalora", DORA + ["model.dtype=bfloat16"]),
@@ -194,7 +196,7 @@ def worker_scalora(a) -> dict:
     summary = json.load(open(os.path.join(a.out, "summary.json")))
     return {"tokens": sum(tokens), "seconds": sum(seconds), "peak_gb": summary["peak_memory_gb"],
             "warmup_s": rows[0]["train/tokens"] / rows[0]["train/tokens_per_s"],  # step 1: compiles, if any
-            "step_s": seconds, "dtype": summary["compute_dtype"]}  # model.dtype auto: bf16 on AMX CPUs for h >= 512
+            "step_s": seconds, "dtype": summary["compute_dtype"]}  # auto: bf16 on AMX / AMD AVX512-BF16, h >= 512
 
 
 def _hf_setup(a):
