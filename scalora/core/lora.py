@@ -596,32 +596,33 @@ class LoraLayer(Wrapper):
             and not w.requires_grad and not hasattr(w, "ds_id") and h.device.type == "cpu" \
             and (result.dtype == h.dtype or torch.is_autocast_enabled("cpu")) and not torch.compiler.is_compiling()
 
-    def _base_deferred(self, x: torch.Tensor) -> bool:
-        """Whether the base's output on x is left to the DoRA adapter's `_DroppedProduct` (with `base`), which
-        computes it from the W it de-quantizes for its sparse product: the one active adapter is DoRA with dropout
-        drawn on CPU, the base an `nn.Linear`, `Conv1D` or 4-bit layer (their output W x + bias, the 4-bit one's
-        in x's dtype as its compute dtype) that `_sparse_dropped_ok` admits, called with no hooks, x in the
+    def _base_deferred(self, x: torch.Tensor) -> Optional[torch.dtype]:
+        """The compute dtype of `_DroppedProduct` (with `base`) where the base's output on x is left to it, computed
+        from the W it de-quantizes for its sparse product; else None. Left to it where the one active adapter is DoRA
+        with dropout drawn on CPU, the base an `nn.Linear`, `Conv1D` or 4-bit layer (their output W x + bias, the
+        4-bit one's in x's dtype as its compute dtype) that `_sparse_dropped_ok` admits, called with no hooks, x in the
         adapter's dtype or, under autocast, in the autocast dtype (the products then in it, as the base's own; a
         4-bit base's compute dtype the autocast dtype, x in any float dtype: converted to it, the output in x's, as
         bitsandbytes' layer does), and its output not kept for a recomputation (keep_base_outputs)."""
         names = [n for n in self.active_adapters if n in self.lora_A]
         if len(names) != 1 or names[0] not in self.lora_magnitude_vector or names[0] in self.dora_pending:
-            return False
+            return None
         dropout, base = self.lora_dropout[names[0]], self.base_layer
         if not (type(dropout) is FastDropout and dropout.fast(x) or type(dropout) is nn.Dropout
                 and dropout.training and 0 < dropout.p < 1):
-            return False
+            return None
         if not (type(base) is nn.Linear or quant.is_conv1d(base) or quant.is_4bit(base)):
-            return False
+            return None
         compute = getattr(base, "compute_dtype", None) or x.dtype if quant.is_4bit(base) else base.weight.dtype
         autocast = torch.is_autocast_enabled("cpu")
         wanted = torch.get_autocast_dtype("cpu") if autocast else self.lora_A[names[0]].weight.dtype
         # a 4-bit base under autocast takes x in any float dtype: it computes in its compute dtype and returns x's
         # (an fp32 x where the k-bit preparation keeps the norms before q/k/v and gate/up in fp32)
         x_ok = x.dtype == compute or quant.is_4bit(base) and autocast and x.is_floating_point()
-        return compute == wanted and x_ok and _keeping_phase() is None and not (
+        ok = compute == wanted and x_ok and _keeping_phase() is None and not (
                 base._forward_hooks or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
                 or nn.modules.module._global_forward_pre_hooks) and self._sparse_dropped_ok(x, x)
+        return compute if ok else None
 
     def _dora(self, name: str, h: torch.Tensor, factor: float, result: torch.Tensor, dropped: bool,
               sparse: Optional[tuple[torch.Tensor, _DropMask]] = None, a: Optional[torch.Tensor] = None,
@@ -702,8 +703,9 @@ class LoraLayer(Wrapper):
         # (Not into an output kept for the recomputation: keep_base_outputs_contexts.)
         in_place = self.fused and not self.merged and not args and not kwargs and quant.keeps_no_output(
             self.base_layer) and not (self.base_layer._forward_hooks or nn.modules.module._global_forward_hooks)
-        # DoRA with dropout computes the base's output with its product on the dropped input (`_DroppedProduct`)
-        deferred = not args and not kwargs and not self.merged and self._base_deferred(x)
+        # DoRA with dropout computes the base's output with its product on the dropped input (`_DroppedProduct`), in
+        # this dtype (None: the base computes it)
+        deferred = None if args or kwargs or self.merged else self._base_deferred(x)
         if args or kwargs or self.merged:
             result = self.base_layer(x, *args, **kwargs)
         elif deferred:
@@ -747,9 +749,8 @@ class LoraLayer(Wrapper):
                     a = None
                 d = None
                 if result is None:  # deferred: computed here with the product on the dropped input, if any
-                    if mask is not None:  # the products in the compute dtype (`_base_deferred`)
-                        compute = torch.get_autocast_dtype("cpu") if autocast else x.dtype
-                        result, d = _DroppedProduct.apply(x, *mask.index(), self, compute, True)
+                    if mask is not None:
+                        result, d = _DroppedProduct.apply(x, *mask.index(), self, deferred, True)
                     else:
                         result = self._base_output("base", x)
                 if result.shape != out_shape:
