@@ -15,6 +15,7 @@ from .core.init_weights import changes_base
 from .core.lora import share_dropout_masks, use_fast_dropout, use_fused_lora
 from .core.lora_config import LoraConfig
 from .core.peft_model import PeftModel, get_peft_model
+from .core.quant import pin_vector_width
 from .hardware import compute_dtype, limit_onednn_cache
 
 
@@ -302,10 +303,13 @@ def compile_layers(model: torch.nn.Module, dynamic: Optional[bool] = None) -> No
     (dynamo's `specialize_float`, set for the process): under `dynamic=True` torch traced them as symbolic inputs
     that inductor then could not keep, and traced the whole layer a second time (measured [avx2], the builtin
     model, inductor's cache warm, three runs each: the first compile 20.4-23.5 s with the second trace, 10.5-13.9 s
-    without). Constant floats cost no recompile."""
+    without). Constant floats cost no recompile.
+
+    The CPU's vector width is pinned in inductor's config first (scalora.core.quant.pin_vector_width)."""
     import torch._dynamo.config
 
     torch._dynamo.config.specialize_float = True
+    pin_vector_width()
     for layer in decoder_layers(model):
         layer.compile(dynamic=dynamic)
 

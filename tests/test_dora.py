@@ -566,8 +566,11 @@ def test_compiled_dora_layer_equals_eager(saved_tiny_models):
 
     from torch._dynamo.utils import counters
 
+    from scalora.core.quant import pin_vector_width
+
     torch._dynamo.reset()
     counters.clear()
+    pin_vector_width()  # as model.compile does
     eager, compiled = run(layer), run(torch.compile(layer))
     assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly as a whole
     plain = _as_lora(model, lambda: load_quantized(saved_tiny_models["llama"], 4))

@@ -70,8 +70,9 @@ def test_numerics_hold_under_a_lower_instruction_set(level, tmp_path):
         assert "AVX-512" not in isa.group(1), isa.group(1)
     env.pop("ONEDNN_VERBOSE")
     # torch.compile's kernels cached under another level's ATEN_CPU_CAPABILITY gave NaN losses here (torch 2.13):
-    # each level compiles into its own cache (the compiled test is `slow`, left out of these reruns to keep the
-    # suite's time: its cold compile took ~35 s a level; it does run at this CPU's own level)
+    # each level compiles into its own cache (scalora's own compiles key it by vector width now,
+    # scalora.core.quant.pin_vector_width; a test's torch.compile need not). The compiled test is `slow`, left out of
+    # these reruns to keep the suite's time: its cold compile took ~35 s a level; it does run at this CPU's own level.
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
     tests = os.path.dirname(os.path.abspath(__file__))
     files = sorted(os.path.join(tests, f) for f in os.listdir(tests)  # where the marker is used: less to import

@@ -133,6 +133,54 @@ def test_compiled_layers_train_as_eager():
     assert_rounding_close(compiled_logits, eager_logits, rtol, wrong=short, what="logits after training")
 
 
+_WIDTH_PROBE = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import scalora
+from conftest import randomize_lora, tiny_model, tokens
+from scalora.model import compile_layers
+from tolerance import rel_diff
+model = scalora.get_peft_model(tiny_model("llama"), scalora.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+randomize_lora(model)
+ids = tokens(batch=2, length=24, seed=5)
+with torch.no_grad():
+    eager = model(input_ids=ids).logits
+    compile_layers(model)
+    compiled = model(input_ids=ids).logits
+print("RESULT", json.dumps({"simdlen": torch._inductor.config.cpp.simdlen, "rel": rel_diff(compiled, eager)}))
+"""
+
+
+@pytest.mark.slow  # two processes, each compiling two decoder layers (~15 s each)
+def test_compiled_layers_keep_their_vector_width_apart(tmp_path):
+    """model.compile in two processes sharing one inductor cache, the first at this CPU's own vector width, the
+    second at AVX2's (ATEN_CPU_CAPABILITY=avx2, as on an AVX2 node sharing a cache directory): both compiled
+    models' logits equal their eager logits to fp32 rounding. Without scalora.model.pin_vector_width the second
+    took the first's cached graph, written for 16-float vectors, compiled it with 8-float ones and gave NaN
+    logits (this test failed so, torch 2.13 [avx512_bf16-amd]; a compiled DoRA layer gave values of 1e31)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from scalora import hardware
+
+    if hardware.cpu_kind(hardware.cpu_features()) in ("avx2", "baseline"):
+        pytest.skip("this CPU runs AVX2 at most: no wider vector width to share a cache with")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    shared = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    results = []
+    for extra in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        p = subprocess.run([sys.executable, "-c", _WIDTH_PROBE, tests], env={**shared, **extra}, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        results.append(json.loads(p.stdout.split("RESULT", 1)[1]))
+    rtol = logits_rtol(tiny_model("llama"))
+    for r in results:
+        assert r["rel"] <= rtol, f"compiled logits at vector width {r['simdlen']}: {r['rel']:.3g} from eager's"
+    assert [r["simdlen"] for r in results] == [512, 256], results  # the two widths did share the cache
+
+
 def test_gpu_only_levers_are_refused_on_cpu(saved_tiny_models):
     """model.liger_kernel and flex attention need CUDA: on a CPU they stop with the fix, not deep in Triton/torch."""
     from scalora.config import load_config

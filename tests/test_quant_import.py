@@ -64,3 +64,19 @@ def test_deferred_compile_compiles_once_on_first_call_with_the_arguments_given()
 
 def test_import_restores_torch_compile():
     assert torch.compile is not None and torch.compile.__module__ == "torch"
+
+
+def test_deferred_compile_pins_the_vector_width_first(monkeypatch):
+    """bitsandbytes' kernels compile with inductor's vector width pinned, as the decoder layers do (the width keys
+    inductor's cache apart: scalora.core.quant.pin_vector_width); a width the user set is kept."""
+    import torch._inductor.config as inductor
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    seen = []
+    defer = quant._deferred_compile(lambda fn, **kwargs: (seen.append(inductor.cpp.simdlen), fn)[1])
+    monkeypatch.setattr(inductor.cpp, "simdlen", None)
+    own = pick_vec_isa().bit_width()  # what inductor picks for this process unpinned
+    defer(lambda x: x)(1)
+    monkeypatch.setattr(inductor.cpp, "simdlen", 256)
+    defer(lambda x: x)(1)
+    assert seen == [own, 256]

@@ -22,6 +22,24 @@ from .errors import UserError
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def pin_vector_width() -> None:
+    """Set inductor's `cpp.simdlen` to the width of the vector instructions it picked for this process (AVX2 256,
+    AVX-512 512; ATEN_CPU_CAPABILITY lowers it), unless already set. Called before scalora's compiles: the decoder
+    layers' (model.compile) and bitsandbytes' deferred kernels (`_deferred_compile`).
+
+    Inductor's compiled-graph cache is keyed without that width (torch 2.13): a process at AVX2 took a graph cached
+    by an AVX-512 process, whose C++ steps 16 floats a loop, compiled it with 8-float vectors and left half of each
+    output unwritten (NaN logits; values of 1e31 in a compiled DoRA layer). That happens wherever one cache serves
+    two widths: a cache directory shared by nodes of two CPU kinds, a process run with ATEN_CPU_CAPABILITY. The
+    width set is part of the key, and the one the process would pick unset (tests/test_lora_training.py
+    `test_compiled_layers_keep_their_vector_width_apart`)."""
+    import torch._inductor.config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if torch._inductor.config.cpp.simdlen is None:
+        torch._inductor.config.cpp.simdlen = pick_vec_isa().bit_width()
+
+
 def _deferred_compile(compile_fn):
     """A stand-in for `torch.compile` that compiles on the first call instead of at decoration."""
 
@@ -33,6 +51,7 @@ def _deferred_compile(compile_fn):
         @functools.wraps(fn)
         def call(*args, **kw):
             if not compiled:
+                pin_vector_width()
                 compiled.append(compile_fn(fn, **kwargs))
             return compiled[0](*args, **kw)
 
