@@ -1,7 +1,7 @@
 """DoRA's product on the dropped input, op by op: what each stock PyTorch form of it costs on this CPU, against the
 dense product it stands beside.
 
-    .venv/bin/python bench/dora_ops.py                    # bf16 and fp32, about 2 min on 2 cores
+    .venv/bin/python bench/dora_ops.py                    # bf16 and fp32, ~15 s on 2 cores
     .venv/bin/python bench/dora_ops.py --dtypes bfloat16
 
 With dropout, DoRA needs the base's product on the dropped input x' besides the base's own output W x (peft:
