@@ -33,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import timed  # noqa: E402 (bench/, the script's folder)
+from scalora.core.lora import _dropped_index  # noqa: E402
 from scalora.core.quant import bnb  # noqa: E402 (bitsandbytes as scalora imports it)
 from scalora.hardware import cpu_features, cpu_kind  # noqa: E402
 
@@ -50,9 +51,7 @@ def forms(out_f: int, in_f: int, dtype: torch.dtype) -> dict:
     w_t = w.t().contiguous()
     x = torch.randn(TOKENS, in_f, generator=g).to(dtype)
     keep = torch.rand(TOKENS, in_f, generator=g) >= P
-    flat = (~keep).reshape(-1).nonzero().squeeze(1)
-    crow = torch.searchsorted(flat, torch.arange(0, keep.numel() + 1, in_f))
-    cols = flat % in_f
+    flat, crow, cols = _dropped_index(keep)  # the positions as scalora's forward finds them
     vals = torch.take(x, flat)
     grad = torch.randn(TOKENS, out_f, generator=g).to(dtype)
     with warnings.catch_warnings():

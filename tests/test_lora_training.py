@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import scalora
-from conftest import load_quantized, tiny_model, tokens
+from conftest import load_quantized, tiny_config, tiny_model, tokens
 from tolerance import (assert_losses_close, assert_rounding_close, logits_rtol, model_shape, operand_rtol, rel_diff,
                        rounding_rtol, trained_rtol)
 
@@ -155,7 +155,7 @@ print("RESULT", json.dumps({"simdlen": torch._inductor.config.cpp.simdlen, "rel"
 def test_compiled_layers_keep_their_vector_width_apart(tmp_path):
     """model.compile in two processes sharing one inductor cache, the first at this CPU's own vector width, the
     second at AVX2's (ATEN_CPU_CAPABILITY=avx2, as on an AVX2 node sharing a cache directory): both compiled
-    models' logits equal their eager logits to fp32 rounding. Without scalora.model.pin_vector_width the second
+    models' logits equal their eager logits to fp32 rounding. Without scalora.core.quant.pin_vector_width the second
     took the first's cached graph, written for 16-float vectors, compiled it with 8-float ones and gave NaN
     logits (this test failed so, torch 2.13 [avx512_bf16-amd]; a compiled DoRA layer gave values of 1e31)."""
     import json
@@ -176,7 +176,7 @@ def test_compiled_layers_keep_their_vector_width_apart(tmp_path):
                            text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
         results.append(json.loads(p.stdout.split("RESULT", 1)[1]))
-    rtol = logits_rtol(tiny_model("llama"))
+    rtol = logits_rtol(tiny_config("llama"))  # the probe's model's shape
     for r in results:
         assert r["rel"] <= rtol, f"compiled logits at vector width {r['simdlen']}: {r['rel']:.3g} from eager's"
     assert [r["simdlen"] for r in results] == [512, 256], results  # the two widths did share the cache
